@@ -1,0 +1,48 @@
+"""`simulate`: the Klaviyo calls the pipeline would make for each event, without sending anything.
+
+port.md §3. No Beam and no network: the same planner and identify-state decision the pipeline
+uses, run in order over JSON lines, with the identify state carried across the lines of one run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from transforms.klaviyo.identify_state import IdentifyState, decide
+from transforms.klaviyo.plan import EventPlan, Planner
+
+
+class Simulation:
+    """A planner plus the per-profile identify state of one run."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.planner = Planner(config)
+        self.states: dict[str, IdentifyState] = {}
+
+    def send_profile(self, plan: EventPlan) -> bool:
+        """The identify-state decision for this plan, updating the state (port.md D1)."""
+        if plan.profile is None or plan.profile_key is None or plan.timestamp_ms is None:
+            return False
+        state, send = decide(self.states.get(plan.profile_key), plan.profile.body,
+                             plan.timestamp_ms)
+        self.states[plan.profile_key] = state
+        return send
+
+    def step(self, raw: bytes | str | dict[str, Any], now_ms: float | None = None
+             ) -> dict[str, Any]:
+        """One input event → one `simulate` output record."""
+        plan = self.planner.plan(raw, now_ms=time.time() * 1000 if now_ms is None else now_ms)
+        calls = plan.calls(send_profile=self.send_profile(plan))
+        return {"event_id": plan.event_id,
+                "calls": [[call.method, call.body] for call in calls],
+                "skipped": plan.skipped,
+                "problems": plan.problems}
+
+
+def simulate(config: dict[str, Any], lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """One output record per input line, in order."""
+    simulation = Simulation(config)
+    for line in lines:
+        yield simulation.step(line)

@@ -1,0 +1,79 @@
+"""Pre-flight checks against Klaviyo's limits (klaviyo.md §3.5, port.md D6).
+
+One invalid item fails a whole Klaviyo bulk request, so what Klaviyo would reject is caught
+here and sent to the dead letters with the reason, before it can fail a batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from transforms.klaviyo.wire import iso_time
+
+EARLIEST_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_AHEAD_MS = 365 * 86_400_000  # "at most one year in the future"
+MAX_METRIC_NAME = 127  # "< 128 characters"
+MAX_PROPERTIES = 400
+MAX_STRING_BYTES = 100 * 1024
+MAX_EVENT_BYTES = 5 * 1024 * 1024
+MAX_PROFILE_BYTES = 100 * 1024
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _size(body: dict[str, Any]) -> int:
+    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+
+
+def _common_problems(body: dict[str, Any], max_bytes: int) -> list[str]:
+    problems = []
+    size = _size(body)
+    if size > max_bytes:
+        problems.append(f"body is {size} bytes, over Klaviyo's limit of {max_bytes}")
+    longest = max((len(text.encode("utf-8", "surrogatepass")) for text in _strings(body)), default=0)
+    if longest > MAX_STRING_BYTES:
+        problems.append(f"a string of {longest} bytes is over Klaviyo's limit of "
+                        f"{MAX_STRING_BYTES}")
+    return problems
+
+
+def event_problems(body: dict[str, Any], timestamp_ms: float, now_ms: float) -> list[str]:
+    """Why Klaviyo would reject this create_event body; empty when it would accept it."""
+    attributes = body["data"]["attributes"]
+    problems = []
+    if timestamp_ms < EARLIEST_TIME_MS:
+        problems.append(f"time {attributes['time']} is before 2000-01-01, which Klaviyo rejects")
+    elif timestamp_ms > now_ms + MAX_AHEAD_MS:
+        problems.append(f"time {attributes['time']} is more than one year after "
+                        f"{iso_time(now_ms)}, which Klaviyo rejects")
+    name = attributes["metric"]["data"]["attributes"]["name"]
+    if not isinstance(name, str) or len(name) > MAX_METRIC_NAME:
+        problems.append(f"metric name must be a string under 128 characters, got {name!r:.60}")
+    if len(attributes["properties"]) > MAX_PROPERTIES:
+        problems.append(f"{len(attributes['properties'])} properties, over Klaviyo's limit of "
+                        f"{MAX_PROPERTIES}")
+    return problems + _common_problems(body, MAX_EVENT_BYTES)
+
+
+def profile_problems(body: dict[str, Any]) -> list[str]:
+    """Why Klaviyo would reject this create_or_update_profile body; empty when it would not."""
+    problems = _common_problems(body, MAX_PROFILE_BYTES)
+    attributes = body["data"]["attributes"]
+    for name in ("first_name", "last_name", "organization", "title", "image"):
+        if name in attributes and not isinstance(attributes[name], str):
+            problems.append(f"{name} must be a string, got {attributes[name]!r:.60}")
+    if "location" in attributes and not isinstance(attributes["location"], dict):
+        problems.append(f"location must be an object, got {attributes['location']!r:.60}")
+    return problems

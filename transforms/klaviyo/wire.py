@@ -1,0 +1,48 @@
+"""Klaviyo wire-format helpers: times as the walkerOS reference writes them, and method names."""
+
+from __future__ import annotations
+
+import math
+
+CREATE_EVENT = "create_event"
+CREATE_OR_UPDATE_PROFILE = "create_or_update_profile"
+
+_MS_PER_DAY = 86_400_000
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    """Proleptic Gregorian (year, month, day) for days since 1970-01-01 (H. Hinnant's algorithm),
+    valid far beyond Python's datetime range, as JavaScript Dates are."""
+    days += 719_468
+    era = days // 146_097
+    day_of_era = days - era * 146_097
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36_524
+                   - day_of_era // 146_096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    month_index = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * month_index + 2) // 5 + 1
+    month = month_index + 3 if month_index < 10 else month_index - 9
+    year = year_of_era + era * 400 + (1 if month <= 2 else 0)
+    return year, month, day
+
+
+def iso_time(timestamp_ms: float) -> str:
+    """JavaScript `new Date(ms).toISOString()`: UTC with milliseconds and `Z`.
+
+    The fraction of a millisecond is cut toward zero, as JavaScript's TimeClip does
+    (`-1.5` → `1969-12-31T23:59:59.999Z`); years outside 0–9999 use the ±YYYYYY form.
+    """
+    if not math.isfinite(timestamp_ms):
+        raise ValueError(f"timestamp {timestamp_ms!r} is not a finite number")
+    ms = int(timestamp_ms)  # int() truncates toward zero
+    days, ms_of_day = divmod(ms, _MS_PER_DAY)
+    year, month, day = _civil_from_days(days)
+    hours, rest = divmod(ms_of_day, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    if 0 <= year <= 9999:
+        year_text = f"{year:04d}"
+    else:
+        year_text = f"{'-' if year < 0 else '+'}{abs(year):06d}"
+    return (f"{year_text}-{month:02d}-{day:02d}T{hours:02d}:{minutes:02d}:{seconds:02d}"
+            f".{millis:03d}Z")

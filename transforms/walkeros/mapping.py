@@ -1,0 +1,397 @@
+"""The walkerOS mapping language: values, rule lookup and event mapping (walkeros.md §2–§3).
+
+A port of `@walkeros/core` `mapping.ts`, `mappingValue.ts`, `byPath.ts`, `include.ts` and
+`consent.ts` (version 4.4.0) with every quirk of walkeros.md §8 kept: configs in the wild depend on
+them. Pure functions, no I/O. `UNDEFINED` stands for JavaScript `undefined`; `None` is JSON `null`.
+
+Callbacks (`fn`, `condition`, `validate`) are Python callables `(value, context) -> Any`; the
+config loader turns `"$py:module:function"` strings into them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from transforms.walkeros.jsvalues import UNDEFINED, cast_to_property, is_property, truthy
+
+log = logging.getLogger(__name__)
+
+_ARRAY_INDEX = re.compile(r"^(?:0|[1-9][0-9]*)$")
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """What a callback sees as its second argument: the event, the current mapping item, consent."""
+
+    event: Any
+    mapping: Any = None
+    consent: Any = None
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+
+
+def _child(value: Any, key: str) -> Any:
+    """`value[key]` as JavaScript reads it for JSON data: objects, arrays (index, length)."""
+    if isinstance(value, dict):
+        return value.get(key, UNDEFINED)
+    if isinstance(value, list):
+        if _ARRAY_INDEX.match(key):
+            index = int(key)
+            return value[index] if index < len(value) else UNDEFINED
+        return len(value) if key == "length" else UNDEFINED
+    return UNDEFINED
+
+
+def get_by_path(value: Any, path: str, default: Any = UNDEFINED) -> Any:
+    """Dotted-path lookup with `*` wildcards over lists (walkerOS `getByPath`).
+
+    A falsy intermediate stops the walk and is returned as is (so a path ending on `null` gives
+    `null`); only an undefined result falls back to `default`. A `*` on a list maps the rest of the
+    path over its elements, filling missing entries with `default`.
+    """
+    keys = path.split(".")
+    current = value
+    for index, key in enumerate(keys):
+        if key == "*" and isinstance(current, list):
+            rest = ".".join(keys[index + 1 :])
+            return [get_by_path(item, rest, default) for item in current]
+        current = _child(current, key)
+        if not truthy(current):
+            break
+    return default if current is UNDEFINED else current
+
+
+def set_by_path(value: dict[str, Any], path: str, new: Any) -> dict[str, Any]:
+    """A deep copy of `value` with `new` written at `path` (walkerOS `setByPath`).
+
+    Missing or non-object intermediates are replaced by `{}`. An undefined `new` is still written,
+    which clears the key (walkerOS quirk §8.5).
+    """
+    result = copy.deepcopy(value)
+    keys = path.split(".")
+    current: Any = result
+    for key in keys[:-1]:
+        child = _child(current, key)
+        if not isinstance(child, dict | list):
+            child = {}
+            _assign(current, key, child)
+        current = child
+    _assign(current, keys[-1], new)
+    return result
+
+
+def _assign(container: Any, key: str, new: Any) -> None:
+    if isinstance(container, dict):
+        container[key] = new
+    elif isinstance(container, list) and _ARRAY_INDEX.match(key):
+        index = int(key)
+        container.extend([UNDEFINED] * (index + 1 - len(container)))
+        container[index] = new
+    # Other JS property writes (a named key on an array) never reach JSON: nothing to keep.
+
+
+def delete_by_path(value: Any, path: str) -> Any:
+    """A copy of `value` without `path`; a numeric segment removes a list element."""
+    result = copy.deepcopy(value)
+    keys = path.split(".")
+    parent = result
+    for key in keys[:-1]:
+        parent = _child(parent, key)
+        if not isinstance(parent, dict | list):
+            return result
+    last = keys[-1]
+    if isinstance(parent, dict):
+        parent.pop(last, None)
+    elif isinstance(parent, list) and _ARRAY_INDEX.match(last) and int(last) < len(parent):
+        del parent[int(last)]
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Consent
+
+
+def granted_consent(required: Any, state: Any, individual: Any = None) -> dict[str, bool] | None:
+    """walkerOS `getGrantedConsent`: the map of granted states, or None when not granted.
+
+    `state` and `individual` merge (individual wins per key). The check passes when `required` is
+    absent or empty, or when any key it marks true is granted (OR semantics).
+    """
+    merged = {**(state if isinstance(state, dict) else {}),
+              **(individual if isinstance(individual, dict) else {})}
+    granted = {name: True for name, value in merged.items() if truthy(value)}
+    if not isinstance(required, dict) or not required:
+        return granted
+    if any(truthy(wanted) and name in granted for name, wanted in required.items()):
+        return granted
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+
+
+class _MalformedItem(Exception):
+    """A mapping item JavaScript would throw on (e.g. `null`): the whole entry gives undefined."""
+
+
+def get_mapping_value(value: Any, mapping: Any, context: MappingContext) -> Any:
+    """walkerOS `getMappingValue`: resolve a mapping Value against `value`.
+
+    A top-level list is a fallback list: the first entry that resolves to something other than
+    undefined wins. Consent comes from `value.consent` when `value` is an object with a truthy
+    `consent`, else from the context.
+    """
+    if value is UNDEFINED:
+        return UNDEFINED
+    own_consent = value.get("consent", UNDEFINED) if isinstance(value, dict) else UNDEFINED
+    consent = own_consent if truthy(own_consent) else context.consent
+    entries = mapping if isinstance(mapping, list) else [mapping]
+    for entry in entries:
+        try:
+            result = _resolve_entry(value, entry, MappingContext(context.event, entry, consent))
+        except _MalformedItem:
+            result = UNDEFINED
+        if result is not UNDEFINED:
+            return result
+    return UNDEFINED
+
+
+def _resolve_entry(value: Any, entry: Any, context: MappingContext) -> Any:
+    """One fallback entry; a list here is an inner alternative list: first *truthy* wins,
+    else the last result."""
+    items = entry if isinstance(entry, list) else [entry]
+    result: Any = UNDEFINED
+    for item in items:
+        if truthy(result):
+            return result
+        result = _resolve_item(value, item, context)
+    return result
+
+
+def _call(callback: Callable[..., Any], what: str, *args: Any) -> Any:
+    """Run a user callback; an exception is logged and counts as undefined/false (§2.5)."""
+    try:
+        return callback(*args)
+    except Exception:  # noqa: BLE001 - user code: any failure means "no value"
+        log.warning("mapping %s failed", what, exc_info=True)
+        return UNDEFINED
+
+
+def _resolve_item(value: Any, item: Any, context: MappingContext) -> Any:
+    """The evaluation order of walkeros.md §2.3 for one mapping item."""
+    if isinstance(item, str):
+        item = {"key": item}
+    elif item is None:
+        raise _MalformedItem("null mapping item")
+    if not isinstance(item, dict | list) or not item:
+        return UNDEFINED  # {}, a number or a bool as a mapping resolves to undefined
+    if isinstance(item, list):
+        return cast_to_property(value)  # an array this deep has no mapping keys: the identity
+    context = MappingContext(context.event, item, context.consent)
+    static = item.get("value", UNDEFINED)
+
+    condition = item.get("condition")
+    if condition and not truthy(_call(condition, "condition", value, context)):
+        return UNDEFINED
+    consent = item.get("consent", UNDEFINED)
+    if truthy(consent) and granted_consent(consent, context.consent) is None:
+        return static
+
+    result = static if static is not UNDEFINED else value
+    fn = item.get("fn")
+    if fn:
+        result = _call(fn, "fn", value, context)
+    key = item.get("key")
+    if isinstance(key, str) and key:
+        result = get_by_path(value, key, static)
+
+    loop, map_, set_ = (item.get(name, UNDEFINED) for name in ("loop", "map", "set"))
+    if truthy(loop):
+        scope, item_mapping = (list(loop) + [UNDEFINED, UNDEFINED])[:2]
+        scoped = [value] if scope == "this" else get_mapping_value(value, scope, context)
+        if isinstance(scoped, list):
+            mapped = (get_mapping_value(element, item_mapping, context) for element in scoped)
+            result = [element for element in mapped if element is not UNDEFINED]
+    elif truthy(map_):
+        resolved = ((name, get_mapping_value(value, sub, context)) for name, sub in map_.items())
+        result = {name: sub for name, sub in resolved if sub is not UNDEFINED}
+    elif truthy(set_):
+        result = [_resolve_entry(value, sub, context) for sub in set_]
+
+    validate = item.get("validate")
+    if validate and not truthy(_call(validate, "validate", result, context)):
+        result = UNDEFINED
+    if is_property(result) and result is not UNDEFINED:
+        return result
+    return cast_to_property(static)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules
+
+
+def _first_matching(candidate: Any, event: dict[str, Any]) -> dict[str, Any] | None:
+    """The first rule (of one or a list) without a condition or whose condition holds."""
+    if not truthy(candidate):
+        return None
+    for rule in candidate if isinstance(candidate, list) else [candidate]:
+        if not isinstance(rule, dict):
+            continue
+        condition = rule.get("condition")
+        context = MappingContext(event, rule, event.get("consent"))
+        if not condition or truthy(_call(condition, "rule condition", event, context)):
+            return rule
+    return None
+
+
+def find_rule(event: dict[str, Any], rules: Any) -> tuple[dict[str, Any] | None, str]:
+    """walkerOS `getMappingEvent`: the rule for the event name, and its key (`'product *'`).
+
+    Quirks kept (§3.1): once `rules[entity]` exists, `* action` is never consulted, and a miss
+    (or every condition failing) falls straight to `* *`.
+    """
+    name = event.get("name")
+    parts = name.split(" ") if isinstance(name, str) else []
+    entity = parts[0] if parts else ""
+    action = parts[1] if len(parts) > 1 else ""
+    if not isinstance(rules, dict) or not rules or not entity or not action:
+        return None, ""
+    entity_key = entity if truthy(rules.get(entity)) else "*"
+    entity_rules = rules.get(entity_key)
+    rule = None
+    action_key = action
+    if isinstance(entity_rules, dict):
+        action_key = action if truthy(entity_rules.get(action)) else "*"
+        rule = _first_matching(entity_rules.get(action_key), event)
+    if rule is None:
+        entity_key = action_key = "*"
+        fallback = rules.get("*")
+        rule = _first_matching(fallback.get("*") if isinstance(fallback, dict) else None, event)
+    return rule, f"{entity_key} {action_key}" if rule is not None else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Include
+
+
+def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
+    fields = ("entity", "action", "id", "timestamp", "name", "trigger", "group", "count", "timing")
+    return {name: event.get(name, UNDEFINED) for name in fields}
+
+
+_SECTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "data": lambda event: event.get("data"),
+    "globals": lambda event: event.get("globals"),
+    "context": lambda event: event.get("context"),
+    "user": lambda event: event.get("user"),
+    "source": lambda event: event.get("source"),
+    "version": lambda event: event.get("version"),
+    "event": _event_fields,
+}
+
+
+def _flatten(prefix: str, value: dict[str, Any], out: dict[str, Any]) -> None:
+    for key, item in value.items():
+        if item is UNDEFINED:
+            continue
+        if isinstance(item, dict):
+            _flatten(f"{prefix}_{key}", item, out)
+        else:
+            out[f"{prefix}_{key}"] = item
+
+
+def flatten_include(event: dict[str, Any], sections: list[str]) -> dict[str, Any]:
+    """walkerOS `include`: event sections flattened to `section_key[_subkey…]` properties (§3.5).
+
+    Plain objects recurse, lists stay whole, context tuples become their label.
+    """
+    out: dict[str, Any] = {}
+    chosen = list(_SECTIONS) if "all" in sections else sections
+    for section in chosen:
+        picker = _SECTIONS.get(section)
+        bag = picker(event) if picker else None
+        if not isinstance(bag, dict):
+            continue
+        if section == "context":
+            bag = {k: v[0] if isinstance(v, list) and v else v for k, v in bag.items()}
+        _flatten(section, bag, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Event mapping
+
+
+@dataclass
+class MappedEvent:
+    """What `process_event_mapping` hands to the destination (walkerOS `processEventMapping`)."""
+
+    event: dict[str, Any]
+    data: Any = UNDEFINED
+    rule: dict[str, Any] | None = None
+    mapping_key: str = ""
+    ignore: bool = False
+    silent: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _apply_policy(event: dict[str, Any], policy: Any) -> dict[str, Any]:
+    """Resolve every entry against the event as it was before this layer, then write them all."""
+    if not isinstance(policy, Mapping) or not policy:
+        return event
+    context = MappingContext(event)
+    results = [(path, get_mapping_value(event, value, context)) for path, value in policy.items()]
+    for path, result in results:
+        event = set_by_path(event, path, result)
+    return event
+
+
+def process_event_mapping(event: dict[str, Any], config: Mapping[str, Any]) -> MappedEvent:
+    """Config policy → rule lookup → rule policy → data → ignore/name → rule data → include →
+    remove, exactly in walkerOS's order (walkeros.md §3.3)."""
+    event = _apply_policy(event, config.get("policy"))
+    rule, mapping_key = find_rule(event, config.get("mapping"))
+    if rule is not None:
+        event = _apply_policy(event, rule.get("policy"))
+
+    config_data = config.get("data", UNDEFINED)
+    data = (get_mapping_value(event, config_data, MappingContext(event))
+            if truthy(config_data) else config_data)
+    silent = bool(rule and truthy(rule.get("silent")))
+
+    if rule is not None:
+        if truthy(rule.get("ignore")):
+            return MappedEvent(event, data, rule, mapping_key, ignore=True, silent=silent)
+        name = rule.get("name")
+        if truthy(name):
+            event = {**event, "name": name}
+        rule_data = rule.get("data", UNDEFINED)
+        if truthy(rule_data):
+            resolved = get_mapping_value(event, rule_data, MappingContext(event))
+            data = ({**data, **resolved}
+                    if isinstance(data, dict) and isinstance(resolved, dict) else resolved)
+
+    include = rule.get("include") if rule is not None and "include" in rule else None
+    if include is None:
+        include = config.get("include")
+    if isinstance(include, list) and include:
+        flattened = flatten_include(event, include)
+        if flattened:
+            if isinstance(data, dict):
+                data = {**flattened, **data}
+            elif data is UNDEFINED or data is None:
+                data = flattened
+
+    remove = rule.get("remove") if rule is not None else None
+    if isinstance(remove, list) and isinstance(data, dict):
+        for path in remove:
+            data = delete_by_path(data, path)
+    return MappedEvent(event, data, rule, mapping_key, ignore=False, silent=silent)
