@@ -194,7 +194,9 @@ def _resolve_item(value: Any, item: Any, context: MappingContext) -> Any:
     if not isinstance(item, dict | list) or not item:
         return UNDEFINED  # {}, a number or a bool as a mapping resolves to undefined
     if isinstance(item, list):
-        return cast_to_property(value)  # an array this deep has no mapping keys: the identity
+        # An array this deep is read as a mapping object in JavaScript: its only mapping key is
+        # the inherited `map` (Array.prototype.map), a function with no entries, so it gives {}.
+        return {}
     context = MappingContext(context.event, item, context.consent)
     static = item.get("value", UNDEFINED)
 
