@@ -150,18 +150,19 @@ def _json_api_errors(body: str | bytes | None) -> tuple[ApiError, ...]:
     raw_errors = document.get("errors") if isinstance(document, dict) else None
     if not isinstance(raw_errors, list):
         return ()
-    return tuple(_api_error(raw) for raw in raw_errors if isinstance(raw, dict))
+    return tuple(api_error(raw) for raw in raw_errors if isinstance(raw, dict))
 
 
-def _api_error(raw: dict[str, Any]) -> ApiError:
-    source = raw.get("source") if isinstance(raw.get("source"), dict) else {}
-    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+def api_error(raw: dict[str, Any]) -> ApiError:
+    """Read one JSON:API error object (also the shape of a bulk import job's import-error)."""
+    source = raw.get("source")
+    meta = raw.get("meta")
     return ApiError(
         code=str(raw.get("code") or ""),
         title=str(raw.get("title") or ""),
         detail=str(raw.get("detail") or ""),
-        pointer=str((source or {}).get("pointer") or ""),
-        meta=dict(meta or {}),
+        pointer=str(source.get("pointer") or "") if isinstance(source, dict) else "",
+        meta=dict(meta) if isinstance(meta, dict) else {},
     )
 
 

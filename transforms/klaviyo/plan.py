@@ -25,8 +25,10 @@ from transforms.walkeros.jsvalues import (
     truthy,
 )
 from transforms.walkeros.mapping import (
-    MappingContext,
-    get_mapping_value,
+    CompiledRule,
+    MappingConfig,
+    Resolver,
+    compile_value,
     granted_consent,
     process_event_mapping,
 )
@@ -102,10 +104,17 @@ class Planner:
     `settings`, `mapping`, `data`, `policy`, `include`, `consent`)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        settings = config.get("settings") or {}
-        self.settings = {**settings, **{name: default for name, default in
-                                        _SETTING_DEFAULTS.items() if settings.get(name) is None}}
+        self.mapping = MappingConfig(config)
+        raw = config.get("settings") or {}
+        settings = {**raw, **{name: default for name, default in _SETTING_DEFAULTS.items()
+                              if raw.get(name) is None}}
+        self.currency = settings.get("currency")
+        # "given ?? default" then a truthiness check: null takes the default, "" disables.
+        self.identifiers: list[tuple[str, Resolver, bool]] = [
+            (wire_name, compile_value(settings[name]), name == "externalId")
+            for name, wire_name in _IDENTIFIERS if truthy(settings.get(name))]
+        self.identify = compile_value(settings["identify"]) if "identify" in settings else None
+        self.unique_id = compile_value(settings["uniqueId"])
 
     def plan(
         self,
@@ -120,7 +129,7 @@ class Planner:
         parsed = parse_event(raw)
         if isinstance(parsed, InvalidEvent):
             return EventPlan(skipped=INVALID_EVENT, warnings=[parsed.reason])
-        granted = granted_consent(self.config.get("consent"), {}, parsed.get("consent"))
+        granted = granted_consent(self.mapping.config.get("consent"), {}, parsed.get("consent"))
         fallback_time = publish_time_ms if publish_time_ms is not None else now_ms
         view = destination_view(parsed, granted or {}, fallback_timestamp_ms=fallback_time,
                                 message_id=message_id)
@@ -128,21 +137,16 @@ class Planner:
         if granted is None:
             plan.skipped = CONSENT
             return plan
-        mapped = process_event_mapping(view, self.config)
+        mapped = process_event_mapping(view, self.mapping)
         if mapped.ignore:
             plan.skipped = IGNORED
             return plan
-        return self._plan_push(plan, mapped.event, mapped.data, mapped.rule or {}, now_ms,
+        return self._plan_push(plan, mapped.event, mapped.data, mapped.rule, now_ms,
                                fallback_time)
 
-    def _resolve(self, event: dict[str, Any], mapping: Any) -> Any:
-        return get_mapping_value(event, mapping, MappingContext(event))
-
     def _plan_push(self, plan: EventPlan, event: dict[str, Any], data: Any,
-                   rule: dict[str, Any], now_ms: float, fallback_time: float) -> EventPlan:
+                   rule: CompiledRule | None, now_ms: float, fallback_time: float) -> EventPlan:
         """The reference destination's `push`, as data (walkeros.md §6.2)."""
-        settings = self.settings
-        rule_settings = rule.get("settings") if isinstance(rule.get("settings"), dict) else {}
         timestamp = event.get("timestamp")
         if not truthy(timestamp):
             timestamp = fallback_time
@@ -153,29 +157,29 @@ class Planner:
         plan.timestamp_ms = timestamp
 
         profile: dict[str, str] = {}
-        for setting, wire_name in _IDENTIFIERS:
-            mapping = settings.get(setting)
-            if truthy(mapping):
-                resolved = _identifier(self._resolve(event, mapping),
-                                       numbers=setting == "externalId")
-                if resolved is not None:
-                    profile[wire_name] = resolved
+        for wire_name, resolve, numbers in self.identifiers:
+            resolved = _identifier(resolve(event, event, None), numbers=numbers)
+            if resolved is not None:
+                profile[wire_name] = resolved
         if not profile:
             plan.skipped = NO_IDENTIFIER
             return plan
         plan.profile_key = profile.get("external_id") or profile.get("email") or \
             profile.get("phone_number")
 
-        identify = rule_settings.get("identify")
-        if identify is None:
-            identify = settings.get("identify", UNDEFINED)
-        if identify is not UNDEFINED:
-            resolved = self._resolve(event, identify)
+        raw_rule = rule.rule if rule is not None else {}
+        rule_settings = rule.settings if rule is not None else {}
+        raw_settings = raw_rule.get("settings") or {}
+        # rule.settings.identify ?? settings.identify: a null rule value falls back too.
+        identify = rule_settings["identify"] if raw_settings.get("identify") is not None \
+            else self.identify
+        if identify is not None:
+            resolved = identify(event, event, None)
             if isinstance(resolved, dict):
                 plan.profile = self._profile_call(profile, resolved)
 
-        if rule.get("silent") is not True:
-            plan.event = self._event_call(plan, event, data, rule, rule_settings, profile,
+        if raw_rule.get("silent") is not True:
+            plan.event = self._event_call(plan, event, data, raw_rule, rule_settings, profile,
                                           timestamp, now_ms)
         return plan
 
@@ -186,35 +190,32 @@ class Planner:
                 attributes[wire_name] = resolved[name]
         if isinstance(resolved.get("properties"), dict):
             attributes["properties"] = resolved["properties"]
-        body = to_json_value({"data": {"type": "profile", "attributes": attributes}})
+        body = {"data": {"type": "profile", "attributes": to_json_value(attributes)}}
         return Call(CREATE_OR_UPDATE_PROFILE, body, tuple(profile_problems(body)))
 
     def _event_call(self, plan: EventPlan, event: dict[str, Any], data: Any,
-                    rule: dict[str, Any], rule_settings: dict[str, Any],
+                    rule: dict[str, Any], rule_settings: dict[str, Resolver],
                     profile: dict[str, str], timestamp: float, now_ms: float) -> Call:
         name = rule.get("name")
         attributes: dict[str, Any] = {
             "profile": {"data": {"type": "profile", "attributes": dict(profile)}},
             "metric": {"data": {"type": "metric", "attributes": {
                 "name": name if isinstance(name, str) else event.get("name")}}},
-            "properties": dict(data) if isinstance(data, dict) else {},
+            "properties": to_json_value(data) if isinstance(data, dict) else {},
             "time": iso_time(timestamp),
         }
         if "value" in rule_settings:
-            resolved = self._resolve(event, rule_settings["value"])
+            resolved = rule_settings["value"](event, event, None)
             value = parse_value(resolved)
             if value is not None:
                 attributes["value"] = value
-                currency = self.settings.get("currency")
-                if truthy(currency):
-                    attributes["value_currency"] = currency
+                if truthy(self.currency):
+                    attributes["value_currency"] = self.currency
             elif resolved is not UNDEFINED:
                 plan.warnings.append(f"value {resolved!r} is not a number: sent without value")
-        unique_mapping = rule_settings.get("uniqueId", UNDEFINED)
-        if unique_mapping is UNDEFINED:
-            unique_mapping = self.settings["uniqueId"]
-        unique_id = _identifier(self._resolve(event, unique_mapping), numbers=True)
+        unique_id = _identifier(rule_settings.get("uniqueId", self.unique_id)(event, event, None),
+                                numbers=True)
         if unique_id is not None:
             attributes["unique_id"] = unique_id
-        body = to_json_value({"data": {"type": "event", "attributes": attributes}})
+        body = {"data": {"type": "event", "attributes": attributes}}
         return Call(CREATE_EVENT, body, tuple(event_problems(body, timestamp, now_ms)))

@@ -33,16 +33,24 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
-def _size(body: dict[str, Any]) -> int:
-    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _common_problems(body: dict[str, Any], max_bytes: int) -> list[str]:
+    """Body size and string length limits.
+
+    The ASCII-escaped JSON is never shorter than its UTF-8 form, so the exact count (and the
+    walk over every string) is needed only for bodies that are large to begin with.
+    """
+    escaped = len(json.dumps(body, separators=(",", ":")))
+    if escaped <= min(max_bytes, MAX_STRING_BYTES):
+        return []
     problems = []
-    size = _size(body)
+    size = _utf8_size(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
     if size > max_bytes:
         problems.append(f"body is {size} bytes, over Klaviyo's limit of {max_bytes}")
-    longest = max((len(text.encode("utf-8", "surrogatepass")) for text in _strings(body)), default=0)
+    longest = max((_utf8_size(text) for text in _strings(body)), default=0)
     if longest > MAX_STRING_BYTES:
         problems.append(f"a string of {longest} bytes is over Klaviyo's limit of "
                         f"{MAX_STRING_BYTES}")

@@ -37,14 +37,15 @@ UNDEFINED: Final = _Undefined()
 
 def truthy(value: Any) -> bool:
     """JavaScript truthiness: only undefined, null, false, 0, NaN and "" are falsy."""
+    kind = value.__class__
+    if kind is str:
+        return value != ""
+    if kind is dict or kind is list or value is True:
+        return True
     if value is UNDEFINED or value is None or value is False:
         return False
-    if isinstance(value, bool):
-        return True
     if isinstance(value, int | float):
         return value != 0 and not math.isnan(value)
-    if isinstance(value, str):
-        return value != ""
     return True
 
 
@@ -64,10 +65,19 @@ def is_property(value: Any) -> bool:
 
     `null` anywhere inside makes the whole value invalid (walkerOS quirk §8.7).
     """
-    if value is UNDEFINED or isinstance(value, bool | str):
+    kind = value.__class__
+    if kind is str or kind is bool or kind is int or value is UNDEFINED:
         return True
-    if isinstance(value, int | float):
-        return not (isinstance(value, float) and math.isnan(value))
+    if kind is float:
+        return not math.isnan(value)
+    if kind is dict:
+        return all(is_property(item) for item in value.values())
+    if kind is list:
+        return all(is_property(item) for item in value)
+    if isinstance(value, bool | str | int):
+        return True
+    if isinstance(value, float):
+        return not math.isnan(value)
     if isinstance(value, list):
         return all(is_property(item) for item in value)
     if isinstance(value, dict):
@@ -124,11 +134,17 @@ def to_json_value(value: Any) -> Any:
 
     Undefined object members are left out and undefined list entries become null.
     """
-    if isinstance(value, dict):
-        return {k: to_json_value(v) for k, v in value.items() if v is not UNDEFINED}
-    if isinstance(value, list):
-        return [None if v is UNDEFINED else to_json_value(v) for v in value]
+    kind = value.__class__
+    if kind is dict:
+        return {k: v if v.__class__ in _SCALARS else to_json_value(v)
+                for k, v in value.items() if v is not UNDEFINED}
+    if kind is list:
+        return [None if v is UNDEFINED else v if v.__class__ in _SCALARS else to_json_value(v)
+                for v in value]
     return value
+
+
+_SCALARS = frozenset({str, int, float, bool})
 
 
 def canonical_json(value: Any) -> str:

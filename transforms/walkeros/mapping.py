@@ -14,7 +14,7 @@ import copy
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transforms.walkeros.jsvalues import UNDEFINED, cast_to_property, is_property, truthy
@@ -56,13 +56,19 @@ def get_by_path(value: Any, path: str, default: Any = UNDEFINED) -> Any:
     `null`); only an undefined result falls back to `default`. A `*` on a list maps the rest of the
     path over its elements, filling missing entries with `default`.
     """
-    keys = path.split(".")
+    return _walk(value, path.split("."), default)
+
+
+def _walk(value: Any, keys: list[str], default: Any) -> Any:
     current = value
     for index, key in enumerate(keys):
-        if key == "*" and isinstance(current, list):
-            rest = ".".join(keys[index + 1 :])
-            return [get_by_path(item, rest, default) for item in current]
-        current = _child(current, key)
+        if current.__class__ is dict:  # the common case, without the generic lookup
+            current = current.get(key, UNDEFINED)
+        elif key == "*" and isinstance(current, list):
+            rest = keys[index + 1 :] or [""]  # a trailing `*` looks up "" in each element
+            return [_walk(item, rest, default) for item in current]
+        else:
+            current = _child(current, key)
         if not truthy(current):
             break
     return default if current is UNDEFINED else current
@@ -142,38 +148,62 @@ class _MalformedItem(Exception):
     """A mapping item JavaScript would throw on (e.g. `null`): the whole entry gives undefined."""
 
 
+# A compiled mapping Value: (value, event, consent) -> result. Configs are compiled once, so
+# resolving an event walks closures instead of re-reading mapping dicts (see `bench`).
+Resolver = Callable[[Any, Any, Any], Any]
+
+
 def get_mapping_value(value: Any, mapping: Any, context: MappingContext) -> Any:
-    """walkerOS `getMappingValue`: resolve a mapping Value against `value`.
+    """walkerOS `getMappingValue`: resolve a mapping Value against `value` (compiles it first;
+    hot paths keep the result of `compile_value` instead)."""
+    return compile_value(mapping)(value, context.event, context.consent)
+
+
+def compile_value(mapping: Any) -> Resolver:
+    """walkerOS `getMappingValue` for one mapping Value, as a function.
 
     A top-level list is a fallback list: the first entry that resolves to something other than
     undefined wins. Consent comes from `value.consent` when `value` is an object with a truthy
-    `consent`, else from the context.
+    `consent`, else from the caller.
     """
-    if value is UNDEFINED:
+    entries = [_compile_entry(entry)
+               for entry in (mapping if isinstance(mapping, list) else [mapping])]
+
+    def resolve(value: Any, event: Any, consent: Any) -> Any:
+        if value is UNDEFINED:
+            return UNDEFINED
+        if value.__class__ is dict:
+            own = value.get("consent")
+            if own is not None and truthy(own):
+                consent = own
+        for entry in entries:
+            try:
+                result = entry(value, event, consent)
+            except _MalformedItem:
+                continue
+            if result is not UNDEFINED:
+                return result
         return UNDEFINED
-    own_consent = value.get("consent", UNDEFINED) if isinstance(value, dict) else UNDEFINED
-    consent = own_consent if truthy(own_consent) else context.consent
-    entries = mapping if isinstance(mapping, list) else [mapping]
-    for entry in entries:
-        try:
-            result = _resolve_entry(value, entry, MappingContext(context.event, entry, consent))
-        except _MalformedItem:
-            result = UNDEFINED
-        if result is not UNDEFINED:
-            return result
-    return UNDEFINED
+
+    return resolve
 
 
-def _resolve_entry(value: Any, entry: Any, context: MappingContext) -> Any:
+def _compile_entry(entry: Any) -> Resolver:
     """One fallback entry; a list here is an inner alternative list: first *truthy* wins,
     else the last result."""
-    items = entry if isinstance(entry, list) else [entry]
-    result: Any = UNDEFINED
-    for item in items:
-        if truthy(result):
-            return result
-        result = _resolve_item(value, item, context)
-    return result
+    if not isinstance(entry, list):
+        return _compile_item(entry)
+    items = [_compile_item(item) for item in entry]
+
+    def first_truthy(value: Any, event: Any, consent: Any) -> Any:
+        result: Any = UNDEFINED
+        for item in items:
+            if truthy(result):
+                return result
+            result = item(value, event, consent)
+        return result
+
+    return first_truthy
 
 
 def _call(callback: Callable[..., Any], what: str, *args: Any) -> Any:
@@ -185,55 +215,94 @@ def _call(callback: Callable[..., Any], what: str, *args: Any) -> Any:
         return UNDEFINED
 
 
-def _resolve_item(value: Any, item: Any, context: MappingContext) -> Any:
+def _undefined(value: Any, event: Any, consent: Any) -> Any:
+    return UNDEFINED
+
+
+def _malformed(value: Any, event: Any, consent: Any) -> Any:
+    raise _MalformedItem("null mapping item")
+
+
+def _empty_object(value: Any, event: Any, consent: Any) -> Any:
+    return {}
+
+
+def _finish(result: Any, static: Any) -> Any:
+    """Step 10: the result if it is a valid property, else the static value (cast)."""
+    if result is not UNDEFINED and is_property(result):
+        return result
+    return cast_to_property(static)
+
+
+def _compile_path(path: str, static: Any) -> Resolver:
+    """The common item `"a.b"` / `{key, value}`: a path lookup with the static as default."""
+    if not path:
+        return lambda value, event, consent: _finish(value if static is UNDEFINED else static,
+                                                     static)
+
+    keys = path.split(".")
+
+    def lookup(value: Any, event: Any, consent: Any) -> Any:
+        return _finish(_walk(value, keys, static), static)
+
+    return lookup
+
+
+def _compile_item(item: Any) -> Resolver:
     """The evaluation order of walkeros.md §2.3 for one mapping item."""
     if isinstance(item, str):
-        item = {"key": item}
-    elif item is None:
-        raise _MalformedItem("null mapping item")
+        return _compile_path(item, UNDEFINED)
+    if item is None:
+        return _malformed
     if not isinstance(item, dict | list) or not item:
-        return UNDEFINED  # {}, a number or a bool as a mapping resolves to undefined
+        return _undefined  # {}, a number or a bool as a mapping resolves to undefined
     if isinstance(item, list):
         # An array this deep is read as a mapping object in JavaScript: its only mapping key is
         # the inherited `map` (Array.prototype.map), a function with no entries, so it gives {}.
-        return {}
-    context = MappingContext(context.event, item, context.consent)
+        return _empty_object
     static = item.get("value", UNDEFINED)
-
-    condition = item.get("condition")
-    if condition and not truthy(_call(condition, "condition", value, context)):
-        return UNDEFINED
-    consent = item.get("consent", UNDEFINED)
-    if truthy(consent) and granted_consent(consent, context.consent) is None:
-        return static
-
-    result = static if static is not UNDEFINED else value
-    fn = item.get("fn")
-    if fn:
-        result = _call(fn, "fn", value, context)
     key = item.get("key")
-    if isinstance(key, str) and key:
-        result = get_by_path(value, key, static)
+    if set(item) <= {"key", "value"} and isinstance(key, str):
+        return _compile_path(key, static)
 
+    condition, fn, validate = item.get("condition"), item.get("fn"), item.get("validate")
+    consent_required = item.get("consent", UNDEFINED)
     loop, map_, set_ = (item.get(name, UNDEFINED) for name in ("loop", "map", "set"))
     if truthy(loop):
         scope, item_mapping = (list(loop) + [UNDEFINED, UNDEFINED])[:2]
-        scoped = [value] if scope == "this" else get_mapping_value(value, scope, context)
-        if isinstance(scoped, list):
-            mapped = (get_mapping_value(element, item_mapping, context) for element in scoped)
-            result = [element for element in mapped if element is not UNDEFINED]
+        loop_scope = None if scope == "this" else compile_value(scope)
+        loop_item = compile_value(item_mapping)
     elif truthy(map_):
-        resolved = ((name, get_mapping_value(value, sub, context)) for name, sub in map_.items())
-        result = {name: sub for name, sub in resolved if sub is not UNDEFINED}
+        map_items = [(name, compile_value(sub)) for name, sub in map_.items()]
     elif truthy(set_):
-        result = [_resolve_entry(value, sub, context) for sub in set_]
+        set_items = [_compile_entry(sub) for sub in set_]
 
-    validate = item.get("validate")
-    if validate and not truthy(_call(validate, "validate", result, context)):
-        result = UNDEFINED
-    if is_property(result) and result is not UNDEFINED:
-        return result
-    return cast_to_property(static)
+    def resolve(value: Any, event: Any, consent: Any) -> Any:
+        context = MappingContext(event, item, consent)
+        if condition and not truthy(_call(condition, "condition", value, context)):
+            return UNDEFINED
+        if truthy(consent_required) and granted_consent(consent_required, consent) is None:
+            return static
+        result = static if static is not UNDEFINED else value
+        if fn:
+            result = _call(fn, "fn", value, context)
+        if isinstance(key, str) and key:
+            result = get_by_path(value, key, static)
+        if truthy(loop):
+            scoped = [value] if loop_scope is None else loop_scope(value, event, consent)
+            if isinstance(scoped, list):
+                mapped = (loop_item(element, event, consent) for element in scoped)
+                result = [element for element in mapped if element is not UNDEFINED]
+        elif truthy(map_):
+            resolved = ((name, sub(value, event, consent)) for name, sub in map_items)
+            result = {name: sub for name, sub in resolved if sub is not UNDEFINED}
+        elif truthy(set_):
+            result = [sub(value, event, consent) for sub in set_items]
+        if validate and not truthy(_call(validate, "validate", result, context)):
+            result = UNDEFINED
+        return _finish(result, static)
+
+    return resolve
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,52 +407,97 @@ class MappedEvent:
 
     event: dict[str, Any]
     data: Any = UNDEFINED
-    rule: dict[str, Any] | None = None
+    rule: CompiledRule | None = None
     mapping_key: str = ""
     ignore: bool = False
     silent: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
-def _apply_policy(event: dict[str, Any], policy: Any) -> dict[str, Any]:
+def _compile_policy(policy: Any) -> list[tuple[str, Resolver]]:
+    if not isinstance(policy, Mapping):
+        return []
+    return [(path, compile_value(value)) for path, value in policy.items()]
+
+
+def _apply_policy(event: dict[str, Any], policy: list[tuple[str, Resolver]]) -> dict[str, Any]:
     """Resolve every entry against the event as it was before this layer, then write them all."""
-    if not isinstance(policy, Mapping) or not policy:
+    if not policy:
         return event
-    context = MappingContext(event)
-    results = [(path, get_mapping_value(event, value, context)) for path, value in policy.items()]
+    results = [(path, resolve(event, event, None)) for path, resolve in policy]
     for path, result in results:
         event = set_by_path(event, path, result)
     return event
 
 
-def process_event_mapping(event: dict[str, Any], config: Mapping[str, Any]) -> MappedEvent:
+@dataclass
+class CompiledRule:
+    """A mapping rule with its Values compiled; `settings` holds the destination's rule
+    settings compiled too (present keys only, `null` included)."""
+
+    rule: dict[str, Any]
+    policy: list[tuple[str, Resolver]]
+    data: Resolver | None
+    settings: dict[str, Resolver]
+
+    @classmethod
+    def compile(cls, rule: dict[str, Any]) -> CompiledRule:
+        data = rule.get("data", UNDEFINED)
+        settings = rule.get("settings")
+        return cls(rule, _compile_policy(rule.get("policy")),
+                   compile_value(data) if truthy(data) else None,
+                   {name: compile_value(value) for name, value in settings.items()}
+                   if isinstance(settings, dict) else {})
+
+
+class MappingConfig:
+    """A destination config (`mapping`, `data`, `policy`, `include`, …) compiled once."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.policy = _compile_policy(config.get("policy"))
+        self.raw_data = config.get("data", UNDEFINED)
+        self.data = compile_value(self.raw_data) if truthy(self.raw_data) else None
+        self.include = config.get("include")
+        self.rules = config.get("mapping")
+        self._compiled: dict[int, CompiledRule] = {}
+        for actions in (self.rules or {}).values():
+            for candidate in actions.values() if isinstance(actions, dict) else []:
+                for rule in candidate if isinstance(candidate, list) else [candidate]:
+                    if isinstance(rule, dict):
+                        # The raw rules live as long as self.config, so their ids stay unique.
+                        self._compiled[id(rule)] = CompiledRule.compile(rule)
+
+    def find(self, event: dict[str, Any]) -> tuple[CompiledRule | None, str]:
+        rule, key = find_rule(event, self.rules)
+        return (self._compiled[id(rule)] if rule is not None else None), key
+
+
+def process_event_mapping(event: dict[str, Any], config: MappingConfig) -> MappedEvent:
     """Config policy → rule lookup → rule policy → data → ignore/name → rule data → include →
     remove, exactly in walkerOS's order (walkeros.md §3.3)."""
-    event = _apply_policy(event, config.get("policy"))
-    rule, mapping_key = find_rule(event, config.get("mapping"))
-    if rule is not None:
-        event = _apply_policy(event, rule.get("policy"))
+    event = _apply_policy(event, config.policy)
+    compiled, mapping_key = config.find(event)
+    rule = compiled.rule if compiled is not None else None
+    if compiled is not None:
+        event = _apply_policy(event, compiled.policy)
 
-    config_data = config.get("data", UNDEFINED)
-    data = (get_mapping_value(event, config_data, MappingContext(event))
-            if truthy(config_data) else config_data)
+    data = config.data(event, event, None) if config.data else config.raw_data
     silent = bool(rule and truthy(rule.get("silent")))
 
-    if rule is not None:
+    if compiled is not None and rule is not None:
         if truthy(rule.get("ignore")):
-            return MappedEvent(event, data, rule, mapping_key, ignore=True, silent=silent)
+            return MappedEvent(event, data, compiled, mapping_key, ignore=True, silent=silent)
         name = rule.get("name")
         if truthy(name):
             event = {**event, "name": name}
-        rule_data = rule.get("data", UNDEFINED)
-        if truthy(rule_data):
-            resolved = get_mapping_value(event, rule_data, MappingContext(event))
+        if compiled.data is not None:
+            resolved = compiled.data(event, event, None)
             data = ({**data, **resolved}
                     if isinstance(data, dict) and isinstance(resolved, dict) else resolved)
 
-    include = rule.get("include") if rule is not None and "include" in rule else None
+    include = rule.get("include") if rule is not None else None
     if include is None:
-        include = config.get("include")
+        include = config.include
     if isinstance(include, list) and include:
         flattened = flatten_include(event, include)
         if flattened:
@@ -396,4 +510,4 @@ def process_event_mapping(event: dict[str, Any], config: Mapping[str, Any]) -> M
     if isinstance(remove, list) and isinstance(data, dict):
         for path in remove:
             data = delete_by_path(data, path)
-    return MappedEvent(event, data, rule, mapping_key, ignore=False, silent=silent)
+    return MappedEvent(event, data, compiled, mapping_key, ignore=False, silent=silent)

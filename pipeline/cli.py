@@ -1,0 +1,98 @@
+"""The `walkeros-klaviyo` command: `simulate`, `bench`, and `run` (the Beam job).
+
+Each subcommand lives in its own module; this file only parses the command line and reports
+configuration errors as one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from transforms.walkeros.config import ConfigError, load_config_file
+
+
+def _open_input(path: str) -> TextIO:
+    return sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulate import Simulation
+
+    loaded = load_config_file(args.config, destination=args.destination)
+    for warning in loaded.warnings:
+        print(f"config warning: {warning}", file=sys.stderr)
+    simulation = Simulation(loaded.config)
+    with _open_input(args.input) as lines:
+        for line in lines:
+            record = simulation.step(line.rstrip("\n"))
+            print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    run_bench(config_path=args.config, events=args.events, runs=args.runs)
+    return 0
+
+
+def _run(argv: Sequence[str]) -> int:
+    from pipeline.run_job import main as run_main
+
+    return run_main(list(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="walkeros-klaviyo",
+        description="Deliver walkerOS events to Klaviyo (Apache Beam).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser(
+        "simulate", help="print the Klaviyo calls planned for each event; sends nothing",
+        description="One JSON line per input line: "
+                    '{"event_id", "calls": [[METHOD, BODY], ...], "skipped", "problems"}.')
+    simulate.add_argument("--config", required=True,
+                          help="walkerOS flow.json (v4) or a bare destination config")
+    simulate.add_argument("--input", required=True, help="JSON Lines of walkerOS events; - = stdin")
+    simulate.add_argument("--destination", default=None,
+                          help="destination id in flow.json when it has several Klaviyo ones")
+    simulate.set_defaults(handler=_simulate)
+
+    bench = commands.add_parser(
+        "bench", help="events per second for parse + map + plan on one core (median of runs)")
+    bench.add_argument("--config", default=None, help="config to plan with (default: example)")
+    bench.add_argument("--events", type=int, default=20_000, help="events per run")
+    bench.add_argument("--runs", type=int, default=5, help="runs; the median is reported")
+    bench.set_defaults(handler=_bench)
+
+    commands.add_parser("run", help="run the Beam pipeline; `run --help` lists its options",
+                        add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        try:
+            return _run(argv[1:])
+        except ConfigError as error:
+            print(f"walkeros-klaviyo: configuration error: {error}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        print(f"walkeros-klaviyo: configuration error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"walkeros-klaviyo: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,741 @@
+"""A local Klaviyo API for tests: real HTTP, Klaviyo's rules, the final state, and faults.
+
+The official SDK is pointed at it with `test_host=server.url`. It implements the endpoints the
+delivery layer calls, validates bodies the way Klaviyo does (and answers with JSON:API errors whose
+`source.pointer` names the bad item), enforces per-endpoint rate limits in fixed windows, and keeps
+what Klaviyo would keep: events deduplicated by (profile, metric, unique_id) with repeats silently
+ignored, profiles upserted by their identifiers.
+
+Faults are queued per route with `inject` and used up one per request, in order. "drop after
+write" stores the data and then closes the connection without an answer: the client sees a
+connection error and retries, which is how idempotency is proven.
+
+Usage: `pytest_plugins = ["tests.klaviyo_server"]` in a test module gives it the
+`klaviyo_server` fixture (started on a free port, stopped after the test); or use
+`with KlaviyoTestServer(...) as server:`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+
+BULK_EVENTS = "POST /api/event-bulk-create-jobs"
+EVENTS = "POST /api/events"
+PROFILE_IMPORT = "POST /api/profile-import"
+BULK_PROFILE_IMPORT = "POST /api/profile-bulk-import-jobs"
+IMPORT_JOB = "GET /api/profile-bulk-import-jobs/{id}"
+IMPORT_ERRORS = "GET /api/profile-bulk-import-jobs/{id}/import-errors"
+
+# Klaviyo's published (burst per second, steady per minute) limits.
+RATE_LIMITS: dict[str, tuple[int, int]] = {
+    BULK_EVENTS: (10, 150),
+    EVENTS: (350, 3500),
+    PROFILE_IMPORT: (75, 750),
+    BULK_PROFILE_IMPORT: (10, 150),
+    IMPORT_JOB: (10, 150),
+    IMPORT_ERRORS: (10, 150),
+}
+
+MAX_BULK_EVENTS = 1000
+MAX_BULK_PROFILES = 10_000
+MAX_PAYLOAD_BYTES = 5 * 1024 * 1024
+MAX_METRIC_NAME = 127
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+IDENTIFIERS = ("email", "phone_number", "external_id")
+EVENT_PROFILE_IDENTIFIERS = (*IDENTIFIERS, "anonymous_id", "_kx")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+_JOB_ROUTE = re.compile(r"^/api/profile-bulk-import-jobs/([^/]+)(/import-errors)?$")
+_JOB_STATES = ("queued", "processing", "complete")
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One programmed misbehaviour, used up by the next request to its route."""
+
+    kind: str
+    status: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def error(cls, status: int) -> Fault:
+        """Answer with this 5xx status and a JSON:API error, storing nothing."""
+        return cls("error", status=status)
+
+    @classmethod
+    def throttle(cls, retry_after: int = 1) -> Fault:
+        """Answer 429 with `Retry-After: retry_after` (whole seconds, as Klaviyo sends)."""
+        return cls("throttle", status=429, seconds=retry_after)
+
+    @classmethod
+    def slow(cls, seconds: float) -> Fault:
+        """Store the data, then wait `seconds` before answering (client read timeouts)."""
+        return cls("slow", seconds=seconds)
+
+    @classmethod
+    def drop_after_write(cls) -> Fault:
+        """Store the data, then close the connection without answering."""
+        return cls("drop")
+
+    @classmethod
+    def forbidden(cls) -> Fault:
+        """A JSON:API 403, as for a key without the needed scope."""
+        return cls("forbidden", status=403)
+
+    @classmethod
+    def challenge(cls) -> Fault:
+        """An HTML 403 Cloudflare challenge page with `cf-mitigated: challenge`."""
+        return cls("challenge", status=403)
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    route: str
+    status: int | None  # None: the connection was dropped without an answer
+    events: int = 0
+
+
+@dataclass
+class StoredEvent:
+    profile_id: str
+    metric: str
+    unique_id: str | None
+    attributes: Json
+
+
+@dataclass
+class _Job:
+    job_id: str
+    total: int
+    errors: list[Json]
+    polls: int = 0
+
+
+@dataclass
+class _Answer:
+    status: int
+    body: Json | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Rejected(Exception):
+    """A request Klaviyo would refuse as a whole."""
+
+    def __init__(self, status: int, errors: list[Json]) -> None:
+        super().__init__(status)
+        self.answer = _Answer(status, {"errors": errors})
+
+
+def _error(
+    status: int, code: str, title: str, detail: str, pointer: str = "/data", **meta: Any
+) -> Json:
+    return {
+        "id": f"err-{next(_ids)}",
+        "status": status,
+        "code": code,
+        "title": title,
+        "detail": detail,
+        "source": {"pointer": pointer},
+        "links": {},
+        "meta": meta,
+    }
+
+
+_ids = itertools.count(1)
+
+
+class KlaviyoTestServer:
+    """The server state and behaviour; the HTTP part is `_Handler`."""
+
+    def __init__(self, api_key: str = "pk_test_0123456789abcdef", *, time_scale: float = 1.0):
+        self.api_key = api_key
+        self.time_scale = time_scale  # Klaviyo seconds per real second
+        self.rate_limits: dict[str, tuple[int, int]] = dict(RATE_LIMITS)
+        self.events: dict[tuple[str, str, str], StoredEvent] = {}
+        self.profiles: dict[str, Json] = {}
+        self.log: list[LoggedRequest] = []
+        self.events_received = 0  # every event in an accepted request, repeats included
+        self._lock = threading.Lock()
+        self._faults: dict[str, deque[Fault]] = defaultdict(deque)
+        self._windows: dict[tuple[str, float], tuple[int, int]] = {}
+        self._profile_by_identifier: dict[tuple[str, str], str] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._http: ThreadingHTTPServer | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> KlaviyoTestServer:
+        self._http = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._http.app = self
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def __enter__(self) -> KlaviyoTestServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._http is not None, "the server is not running"
+        host, port = self._http.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    # --- test controls and assertions ------------------------------------------------------
+
+    def inject(self, route: str, *faults: Fault) -> None:
+        """Queue faults for a route (e.g. `BULK_EVENTS`); each request uses up the next one."""
+        with self._lock:
+            self._faults[route].extend(faults)
+
+    def statuses(self, route: str) -> list[int | None]:
+        with self._lock:
+            return [entry.status for entry in self.log if entry.route == route]
+
+    def stored_unique_ids(self) -> list[str | None]:
+        with self._lock:
+            return [event.unique_id for event in self.events.values()]
+
+    def profile(self, **identifier: str) -> Json | None:
+        """The stored attributes of the profile with this identifier, e.g. `email="a@b.co"`."""
+        ((key, value),) = identifier.items()
+        with self._lock:
+            profile_id = self._profile_by_identifier.get((key, value))
+            return None if profile_id is None else dict(self.profiles[profile_id])
+
+    # --- request handling ------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, headers: Any, raw: bytes) -> tuple[str, _Answer, Fault]:
+        """Decide the answer to one request; the handler carries out slow/drop faults."""
+        route, job_id = _route(method, urlsplit(path).path)
+        if headers.get("Authorization") != f"Klaviyo-API-Key {self.api_key}":
+            return route, _answer_error(401, "not_authenticated", "Incorrect authentication."), _NO
+        with self._lock:
+            fault = self._faults[route].popleft() if self._faults[route] else _NO
+        if fault.kind in _ANSWERING_FAULTS:
+            return route, _ANSWERING_FAULTS[fault.kind](fault), fault
+        throttled = self._throttle(route)
+        if throttled is not None:
+            return route, throttled, fault
+        try:
+            answer = self._dispatch(route, job_id, raw, parse_qs(urlsplit(path).query))
+        except _Rejected as rejected:
+            answer = rejected.answer
+        return route, answer, fault
+
+    def record(self, route: str, status: int | None, raw: bytes) -> None:
+        events = _event_count(raw) if route == BULK_EVENTS else 0
+        with self._lock:
+            self.log.append(LoggedRequest(route, status, events))
+
+    def _dispatch(
+        self, route: str, job_id: str, raw: bytes, query: dict[str, list[str]]
+    ) -> _Answer:
+        if route == BULK_EVENTS:
+            return self._bulk_events(_document(raw))
+        if route == EVENTS:
+            return self._event(_document(raw))
+        if route == PROFILE_IMPORT:
+            return self._profile_import(_document(raw))
+        if route == BULK_PROFILE_IMPORT:
+            return self._bulk_profile_import(_document(raw))
+        if route == IMPORT_JOB:
+            return self._job_status(job_id)
+        if route == IMPORT_ERRORS:
+            return self._import_errors(job_id, query)
+        return _answer_error(404, "not_found", f"No route {route}.")
+
+    def _throttle(self, route: str) -> _Answer | None:
+        """Fixed windows, as Klaviyo counts: `burst` per second and `steady` per minute."""
+        limits = self.rate_limits.get(route)
+        if limits is None:
+            return None
+        now = time.monotonic() * self.time_scale
+        with self._lock:
+            windows = [(limit, seconds, math.floor(now / seconds)) for limit, seconds in
+                       zip(limits, (1.0, 60.0), strict=True)]
+            counts = [self._windows.get((route, seconds), (index, 0)) for _, seconds, index in
+                      windows]
+            counts = [(index, count if seen == index else 0) for (seen, count), (_, _, index) in
+                      zip(counts, windows, strict=True)]
+            for (limit, seconds, index), (_, count) in zip(windows, counts, strict=True):
+                if count >= limit:
+                    real_wait = ((index + 1) * seconds - now) / self.time_scale
+                    return _answer_throttled(max(1, math.ceil(real_wait)))
+            for (_, seconds, index), (_, count) in zip(windows, counts, strict=True):
+                self._windows[(route, seconds)] = (index, count + 1)
+        return None
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _bulk_events(self, document: Json) -> _Answer:
+        root = "/data/attributes/events-bulk-create/data"
+        data = _require(document, "data", dict, "/data")
+        if data.get("type") != "event-bulk-create-job":
+            raise _invalid("/data/type", "Expected type 'event-bulk-create-job'.")
+        entries = _require(
+            _require(_require(data, "attributes", dict, "/data/attributes"),
+                     "events-bulk-create", dict, "/data/attributes/events-bulk-create"),
+            "data", list, root,
+        )
+        errors: list[Json] = []
+        accepted: list[tuple[Json, Json]] = []
+        seen: set[tuple[str, str, str]] = set()
+        for i, entry in enumerate(entries):
+            pointer = f"{root}/{i}"
+            attributes = entry.get("attributes") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict) or entry.get("type") != "event-bulk-create" or \
+                    not isinstance(attributes, dict):
+                errors.append(_invalid_error(pointer, "Expected an 'event-bulk-create' object."))
+                continue
+            profile = _profile_attributes(attributes, f"{pointer}/attributes/profile", errors)
+            events = (attributes.get("events") or {}).get("data")
+            if not isinstance(events, list) or not events:
+                errors.append(_invalid_error(f"{pointer}/attributes/events", "Events required."))
+                continue
+            for j, event in enumerate(events):
+                event_pointer = f"{pointer}/attributes/events/data/{j}"
+                if not isinstance(event, dict) or event.get("type") != "event":
+                    errors.append(_invalid_error(event_pointer, "Expected an 'event' object."))
+                    continue
+                event_attributes = _event_attributes(event, event_pointer, errors)
+                if profile is None or event_attributes is None:
+                    continue
+                key = _repeat_key(profile, event_attributes)
+                if key is not None and key in seen:
+                    errors.append(_invalid_error(
+                        f"{event_pointer}/attributes/unique_id",
+                        "A unique_id is repeated for the same profile and metric.",
+                    ))
+                    continue
+                if key is not None:
+                    seen.add(key)
+                accepted.append((profile, event_attributes))
+        if len(accepted) + len(errors) > MAX_BULK_EVENTS:
+            raise _invalid(root, f"At most {MAX_BULK_EVENTS} events per request.")
+        if errors:
+            return _Answer(400, {"errors": errors})
+        with self._lock:
+            for profile, event_attributes in accepted:
+                self._store_event(profile, event_attributes)
+        return _Answer(202)
+
+    def _event(self, document: Json) -> _Answer:
+        data = _require(document, "data", dict, "/data")
+        errors: list[Json] = []
+        attributes = _event_attributes(data, "/data", errors)
+        profile = _profile_attributes(
+            _require(data, "attributes", dict, "/data/attributes"),
+            "/data/attributes/profile", errors,
+        )
+        if errors or attributes is None or profile is None:
+            return _Answer(400, {"errors": errors})
+        with self._lock:
+            self._store_event(profile, attributes)
+        return _Answer(202)
+
+    def _store_event(self, profile: Json, attributes: Json) -> None:
+        """Keep the first event per (profile, metric, unique_id or second); ignore repeats."""
+        profile_id, _ = self._upsert(profile, nulls_clear=False)
+        metric = attributes["metric"]["data"]["attributes"]["name"]
+        unique_id = attributes.get("unique_id")
+        second = _parse_time(attributes["time"]).replace(microsecond=0).isoformat()
+        key = (profile_id, metric, unique_id if unique_id is not None else second)
+        self.events_received += 1
+        self.events.setdefault(key, StoredEvent(profile_id, metric, unique_id, attributes))
+
+    # --- profiles ----------------------------------------------------------------------------
+
+    def _profile_import(self, document: Json) -> _Answer:
+        data = _require(document, "data", dict, "/data")
+        if data.get("type") != "profile":
+            raise _invalid("/data/type", "Expected type 'profile'.")
+        attributes = _require(data, "attributes", dict, "/data/attributes")
+        errors = _identifier_errors(attributes, "/data/attributes")
+        if errors:
+            return _Answer(400, {"errors": errors})
+        with self._lock:
+            conflict = self._conflict(attributes)
+            if conflict is not None:
+                return _answer_error(
+                    409, "duplicate_profile",
+                    "A profile already exists with one of these identifiers.",
+                    duplicate_profile_id=conflict,
+                )
+            profile_id, created = self._upsert(attributes, nulls_clear=True)
+            stored = dict(self.profiles[profile_id])
+        body = {
+            "data": {
+                "type": "profile",
+                "id": profile_id,
+                "attributes": stored,
+                "links": {"self": f"https://a.klaviyo.com/api/profiles/{profile_id}/"},
+            }
+        }
+        return _Answer(201 if created else 200, body)
+
+    def _bulk_profile_import(self, document: Json) -> _Answer:
+        root = "/data/attributes/profiles/data"
+        data = _require(document, "data", dict, "/data")
+        if data.get("type") != "profile-bulk-import-job":
+            raise _invalid("/data/type", "Expected type 'profile-bulk-import-job'.")
+        profiles = _require(
+            _require(_require(data, "attributes", dict, "/data/attributes"),
+                     "profiles", dict, "/data/attributes/profiles"),
+            "data", list, root,
+        )
+        if len(profiles) > MAX_BULK_PROFILES:
+            raise _invalid(root, f"At most {MAX_BULK_PROFILES} profiles per request.")
+        structural = [
+            _invalid_error(f"{root}/{i}", "Expected a 'profile' object with attributes.")
+            for i, profile in enumerate(profiles)
+            if not isinstance(profile, dict) or profile.get("type") != "profile"
+            or not isinstance(profile.get("attributes"), dict)
+        ]
+        if structural:
+            return _Answer(400, {"errors": structural})
+        job_errors: list[Json] = []
+        with self._lock:
+            for profile in profiles:
+                attributes = profile["attributes"]
+                problems = _identifier_errors(attributes, "/data/attributes")
+                if problems:
+                    job_errors.extend(
+                        {**problem, "original_payload": attributes} for problem in problems
+                    )
+                else:
+                    self._upsert(attributes, nulls_clear=False)  # bulk import ignores nulls
+            job_id = f"job-{next(_ids)}"
+            self._jobs[job_id] = _Job(job_id, len(profiles), job_errors)
+        return _Answer(202, _job_body(self._jobs[job_id], "queued"))
+
+    def _job_status(self, job_id: str) -> _Answer:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return _answer_error(404, "not_found", f"No import job {job_id}.")
+            job.polls += 1
+            status = _JOB_STATES[min(job.polls, len(_JOB_STATES) - 1)]
+        return _Answer(200, _job_body(job, status))
+
+    def _import_errors(self, job_id: str, query: dict[str, list[str]]) -> _Answer:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            return _answer_error(404, "not_found", f"No import job {job_id}.")
+        start = int(query.get("page[cursor]", ["0"])[0])
+        size = int(query.get("page[size]", ["20"])[0])
+        page = job.errors[start:start + size]
+        data = [
+            {
+                "type": "import-error",
+                "id": error["id"],
+                "attributes": {
+                    "code": error["code"],
+                    "title": error["title"],
+                    "detail": error["detail"],
+                    "source": error["source"],
+                    "original_payload": error["original_payload"],
+                },
+            }
+            for error in page
+        ]
+        base = f"https://a.klaviyo.com/api/profile-bulk-import-jobs/{job_id}/import-errors"
+        more = start + size < len(job.errors)
+        next_link = f"{base}?{urlencode({'page[cursor]': start + size})}" if more else None
+        return _Answer(200, {"data": data, "links": {"self": base, "next": next_link}})
+
+    def _conflict(self, attributes: Json) -> str | None:
+        """Another profile's id when the identifiers name two different profiles."""
+        matches = self._matches(attributes)
+        return matches[1] if len(matches) > 1 else None
+
+    def _matches(self, attributes: Json) -> list[str]:
+        found: list[str] = []
+        for key in IDENTIFIERS:
+            profile_id = self._profile_by_identifier.get((key, attributes.get(key)))
+            if profile_id is not None and profile_id not in found:
+                found.append(profile_id)
+        return found
+
+    def _upsert(self, attributes: Json, *, nulls_clear: bool) -> tuple[str, bool]:
+        """Find the profile by identifiers (or create it) and merge the attributes into it."""
+        matches = self._matches(attributes)
+        created = not matches
+        profile_id = f"01PROFILE{next(_ids):08d}" if created else matches[0]
+        stored = self.profiles.setdefault(profile_id, {})
+        for key, value in attributes.items():
+            if isinstance(value, dict) and key in ("properties", "location"):
+                merged = {**stored.get(key, {}), **value}
+                stored[key] = {k: v for k, v in merged.items() if v is not None or not nulls_clear}
+            elif value is None:
+                if nulls_clear:
+                    stored.pop(key, None)
+            else:
+                stored[key] = value
+        for key in IDENTIFIERS:
+            if stored.get(key) is not None:
+                self._profile_by_identifier[(key, stored[key])] = profile_id
+        return profile_id, created
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default backlog of 5 resets connections under load
+    app: KlaviyoTestServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+    disable_nagle_algorithm = True  # else ~40 ms per answer (Nagle + delayed ACK)
+    server: _HTTPServer
+
+    def do_GET(self) -> None:
+        self._serve(b"")
+
+    def do_POST(self) -> None:
+        self._serve(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests read `server.log` instead."""
+
+    def _serve(self, raw: bytes) -> None:
+        app = self.server.app
+        route, answer, fault = app.handle(self.command, self.path, self.headers, raw)
+        if fault.kind == "drop":
+            app.record(route, None, raw)
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault.kind == "slow":
+            time.sleep(fault.seconds)
+        app.record(route, answer.status, raw)
+        self._answer(answer)
+
+    def _answer(self, answer: _Answer) -> None:
+        if answer.headers.get("Content-Type", "").startswith("text/html"):
+            payload = _CHALLENGE_PAGE
+        else:
+            payload = b"" if answer.body is None else json.dumps(answer.body).encode()
+        try:
+            self.send_response(answer.status)
+            headers = {"Content-Type": "application/vnd.api+json", **answer.headers}
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting (a read timeout)
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+_NO = Fault("none")
+_CHALLENGE_PAGE = b"<!DOCTYPE html><html><head><title>Just a moment...</title></head></html>"
+
+
+def _answer_error(status: int, code: str, detail: str, **meta: Any) -> _Answer:
+    titles = {401: "Authentication error.", 403: "Permission denied.", 404: "Not found.",
+              409: "Conflict.", 413: "Payload too large."}
+    title = titles.get(status, "Server error.")
+    return _Answer(status, {"errors": [_error(status, code, title, detail, **meta)]})
+
+
+def _answer_throttled(retry_after: int) -> _Answer:
+    error = _error(
+        429, "throttled", "Request was throttled.",
+        f"Request was throttled. Expected available in {retry_after} second.",
+    )
+    error["links"] = {
+        "type": "https://developers.klaviyo.com/en/docs/rate_limits_and_error_handling"
+    }
+    return _Answer(429, {"errors": [error]}, {"Retry-After": str(retry_after)})
+
+
+_ANSWERING_FAULTS: dict[str, Callable[[Fault], _Answer]] = {
+    "error": lambda fault: _answer_error(fault.status, "error", "A server error occurred."),
+    "throttle": lambda fault: _answer_throttled(int(fault.seconds)),
+    "forbidden": lambda fault: _answer_error(
+        403, "permission_denied", "You do not have permission to perform this action."
+    ),
+    "challenge": lambda fault: _Answer(
+        403, None, {"Content-Type": "text/html; charset=UTF-8", "cf-mitigated": "challenge"}
+    ),
+}
+
+
+def _job_body(job: _Job, status: str) -> Json:
+    done = status == "complete"
+    return {
+        "data": {
+            "type": "profile-bulk-import-job",
+            "id": job.job_id,
+            "attributes": {
+                "status": status,
+                "total_count": job.total,
+                "completed_count": job.total - len(job.errors) if done else 0,
+                "failed_count": len(job.errors) if done else 0,
+            },
+            "links": {"self": f"https://a.klaviyo.com/api/profile-bulk-import-jobs/{job.job_id}/"},
+        }
+    }
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _invalid_error(pointer: str, detail: str) -> Json:
+    return _error(400, "invalid", "Invalid input.", detail, pointer)
+
+
+def _invalid(pointer: str, detail: str) -> _Rejected:
+    return _Rejected(400, [_invalid_error(pointer, detail)])
+
+
+def _document(raw: bytes) -> Json:
+    if len(raw) >= MAX_PAYLOAD_BYTES:
+        raise _Rejected(413, [_error(413, "too_large", "Payload too large.",
+                                     f"The payload is {len(raw)} bytes, over 5 MB.")])
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise _invalid("/", "The body is not valid JSON.") from None
+    if not isinstance(document, dict):
+        raise _invalid("/", "The body must be a JSON object.")
+    return document
+
+
+def _require(parent: Json, key: str, kind: type, pointer: str) -> Any:
+    value = parent.get(key)
+    if not isinstance(value, kind):
+        raise _invalid(pointer, f"'{key}' is required.")
+    return value
+
+
+def _profile_attributes(attributes: Json, pointer: str, errors: list[Json]) -> Json | None:
+    """The event's profile attributes, if it has at least one valid identifier."""
+    data = (attributes.get("profile") or {}).get("data")
+    profile = data.get("attributes") if isinstance(data, dict) else None
+    if not isinstance(profile, dict) or data.get("type") != "profile":
+        errors.append(_invalid_error(pointer, "A profile is required."))
+        return None
+    problems = _identifier_errors(
+        profile, f"{pointer}/data/attributes", EVENT_PROFILE_IDENTIFIERS, has_id="id" in data
+    )
+    errors.extend(problems)
+    return None if problems else profile
+
+
+def _identifier_errors(
+    attributes: Json, pointer: str, identifiers: tuple[str, ...] = IDENTIFIERS,
+    has_id: bool = False,
+) -> list[Json]:
+    if not has_id and not any(attributes.get(key) for key in identifiers):
+        return [_invalid_error(pointer, f"One of {', '.join(identifiers)} is required.")]
+    problems = []
+    for key in identifiers:
+        value = attributes.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.append(_invalid_error(f"{pointer}/{key}", f"'{key}' must be a string."))
+    email, phone = attributes.get("email"), attributes.get("phone_number")
+    if isinstance(email, str) and not _EMAIL.match(email):
+        problems.append(_invalid_error(f"{pointer}/email", "Invalid email address."))
+    if isinstance(phone, str) and not _E164.match(phone):
+        problems.append(_invalid_error(f"{pointer}/phone_number", "Invalid phone number."))
+    return problems
+
+
+def _event_attributes(event: Json, pointer: str, errors: list[Json]) -> Json | None:
+    """The event's attributes if Klaviyo would accept them; else the reasons go to `errors`."""
+    attributes = event.get("attributes")
+    if not isinstance(attributes, dict):
+        errors.append(_invalid_error(f"{pointer}/attributes", "Attributes are required."))
+        return None
+    pointer = f"{pointer}/attributes"
+    found: list[Json] = []
+    metric = ((attributes.get("metric") or {}).get("data") or {}).get("attributes") or {}
+    name = metric.get("name")
+    if not isinstance(name, str) or not name or len(name) > MAX_METRIC_NAME:
+        found.append(_invalid_error(f"{pointer}/metric/data/attributes/name",
+                                    "A metric name of 1 to 127 characters is required."))
+    if not isinstance(attributes.get("properties"), dict):
+        found.append(_invalid_error(f"{pointer}/properties", "'properties' is required."))
+    try:
+        moment = _parse_time(attributes.get("time"))
+    except (TypeError, ValueError):
+        found.append(_invalid_error(f"{pointer}/time", "'time' must be an ISO 8601 datetime."))
+    else:
+        if not EARLIEST_TIME <= moment <= datetime.now(UTC) + timedelta(days=365):
+            found.append(_invalid_error(
+                f"{pointer}/time", "'time' must be after 2000 and at most one year ahead."
+            ))
+    value = attributes.get("value")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        found.append(_invalid_error(f"{pointer}/value", "'value' must be a number."))
+    unique_id = attributes.get("unique_id")
+    if unique_id is not None and not isinstance(unique_id, str):
+        found.append(_invalid_error(f"{pointer}/unique_id", "'unique_id' must be a string."))
+    errors.extend(found)
+    return None if found else attributes
+
+
+def _parse_time(value: Any) -> datetime:
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _repeat_key(profile: Json, attributes: Json) -> tuple[str, str, str] | None:
+    unique_id = attributes.get("unique_id")
+    if unique_id is None:
+        return None
+    identity = json.dumps({key: profile.get(key) for key in EVENT_PROFILE_IDENTIFIERS},
+                          sort_keys=True)
+    return identity, attributes["metric"]["data"]["attributes"]["name"], unique_id
+
+
+def _event_count(raw: bytes) -> int:
+    try:
+        entries = json.loads(raw)["data"]["attributes"]["events-bulk-create"]["data"]
+        return sum(len(entry["attributes"]["events"]["data"]) for entry in entries)
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def _route(method: str, path: str) -> tuple[str, str]:
+    """The route template of a request and the job id in its path, if any."""
+    match = _JOB_ROUTE.match(path)
+    if method == "GET" and match:
+        return (IMPORT_ERRORS if match[2] else IMPORT_JOB), match[1]
+    return f"{method} {path.rstrip('/')}", ""
+
+
+@pytest.fixture
+def klaviyo_server() -> Iterator[KlaviyoTestServer]:
+    """A running test server whose clock runs 60 times faster (a rate-limit minute is 1 s)."""
+    with KlaviyoTestServer(time_scale=60.0) as server:
+        yield server

@@ -1,0 +1,155 @@
+"""Client-side rate limiting per Klaviyo endpoint family, shared by the threads of one process.
+
+Klaviyo counts requests per account in fixed windows: a burst window of one second and a steady
+window of one minute, per endpoint family. Staying under both is cheaper than collecting 429s, so
+every request first calls `RateLimiter.acquire(endpoint)`.
+
+Each window is enforced as a sliding window ("at most n requests in any `seconds`-long span"),
+which implies at most n in every fixed window Klaviyo may use, whatever its alignment.
+
+Knobs:
+- `limits`: per-endpoint overrides of Klaviyo's published limits.
+- `scale`: all limits are `scale` times higher. It is applied by shortening the windows, so a
+  test server whose clock runs `scale` times faster is matched exactly, and bursts against a
+  raised-limit account stay spread out.
+- `divide_by`: the number of processes (workers) sharing the account's quota; each process keeps
+  to its share.
+
+While 429s keep coming (another client shares the account, or workers outnumber `divide_by`),
+the limiter halves its rate on every 429 and pauses the endpoint for Retry-After; each success
+wins back a little.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Endpoint(StrEnum):
+    """The endpoint families we call; also the name used in metrics."""
+
+    BULK_EVENTS = "bulk_events"
+    PROFILE_IMPORT = "profile_import"
+    BULK_PROFILE_IMPORT = "bulk_profile_import"
+    IMPORT_JOBS = "import_jobs"
+
+
+@dataclass(frozen=True)
+class Limit:
+    burst_per_second: float
+    steady_per_minute: float
+
+
+PUBLISHED_LIMITS: Mapping[Endpoint, Limit] = {
+    Endpoint.BULK_EVENTS: Limit(10, 150),
+    # The OpenAPI spec says 750/m, the generic "L" tier says 700/m: keep to the lower one.
+    Endpoint.PROFILE_IMPORT: Limit(75, 700),
+    Endpoint.BULK_PROFILE_IMPORT: Limit(10, 150),
+    # Job status and import-error pages.
+    Endpoint.IMPORT_JOBS: Limit(10, 150),
+}
+
+_SLOWEST_FACTOR = 1 / 16  # never slow down below this share of the configured rate
+_RECOVERY_STEP = 1 / 32  # rate share won back per successful request
+
+
+class _Window:
+    """At most `count` requests in any `seconds`-long span, with `count` possibly fractional."""
+
+    def __init__(self, count: float, seconds: float) -> None:
+        self._count = count
+        self._seconds = seconds
+        self._sent: deque[float] = deque(maxlen=max(1, math.floor(count)))
+
+    def wait(self, now: float, factor: float) -> float:
+        """Seconds until one more request fits when running at `factor` of the full rate."""
+        allowed, seconds = _whole_requests(self._count * factor, self._seconds)
+        if len(self._sent) < allowed:
+            return 0.0
+        return max(0.0, self._sent[-allowed] + seconds - now)
+
+    def record(self, now: float) -> None:
+        self._sent.append(now)
+
+
+def _whole_requests(count: float, seconds: float) -> tuple[int, float]:
+    """Express "count per seconds" as whole requests without ever exceeding the rate.
+
+    1.5 per minute becomes 1 per minute (rounding down is safe); 0.25 per second becomes
+    1 per 4 seconds.
+    """
+    if count >= 1:
+        return math.floor(count), seconds
+    return 1, seconds / count
+
+
+class _EndpointLimiter:
+    def __init__(self, limit: Limit, scale: float, divide_by: int) -> None:
+        self.lock = threading.Lock()
+        self.windows = (
+            _Window(limit.burst_per_second / divide_by, 1.0 / scale),
+            _Window(limit.steady_per_minute / divide_by, 60.0 / scale),
+        )
+        self.factor = 1.0
+        self.paused_until = -math.inf
+
+
+class RateLimiter:
+    """Blocks callers just long enough to keep each endpoint family under its limits."""
+
+    def __init__(
+        self,
+        limits: Mapping[Endpoint, Limit] | None = None,
+        *,
+        scale: float = 1.0,
+        divide_by: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if scale <= 0 or divide_by < 1:
+            raise ValueError(f"need scale > 0 and divide_by >= 1, got {scale=} {divide_by=}")
+        merged = {**PUBLISHED_LIMITS, **(limits or {})}
+        self._endpoints = {
+            endpoint: _EndpointLimiter(limit, scale, divide_by)
+            for endpoint, limit in merged.items()
+        }
+        self._clock = clock
+        self._sleep = sleep
+
+    def acquire(self, endpoint: Endpoint) -> float:
+        """Wait until a request to `endpoint` may go out and count it; return the seconds waited."""
+        state = self._endpoints[endpoint]
+        waited = 0.0
+        while True:
+            with state.lock:
+                now = self._clock()
+                wait = max(
+                    state.paused_until - now,
+                    *(window.wait(now, state.factor) for window in state.windows),
+                )
+                if wait <= 0:
+                    for window in state.windows:
+                        window.record(now)
+                    return waited
+            self._sleep(wait)
+            waited += wait
+
+    def throttled(self, endpoint: Endpoint, retry_after: float | None) -> None:
+        """Klaviyo answered 429: slow this endpoint down and pause it for Retry-After."""
+        state = self._endpoints[endpoint]
+        with state.lock:
+            state.factor = max(_SLOWEST_FACTOR, state.factor / 2)
+            if retry_after is not None:
+                state.paused_until = max(state.paused_until, self._clock() + retry_after)
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        """A request got through: win back some of the rate given up after 429s."""
+        state = self._endpoints[endpoint]
+        with state.lock:
+            state.factor = min(1.0, state.factor + _RECOVERY_STEP)
