@@ -92,7 +92,7 @@ def _identifier(value: Any, *, numbers: bool) -> str | None:
 def parse_value(value: Any) -> float | int | None:
     """`value` under port.md D3: a finite number (not a bool) or an ASCII decimal string."""
     if is_finite_number(value):
-        return value  # type: ignore[no-any-return]
+        return float(value) if isinstance(value, float) else int(value)
     if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         number = float(value.strip())
         return number if math.isfinite(number) else None
@@ -147,13 +147,12 @@ class Planner:
     def _plan_push(self, plan: EventPlan, event: dict[str, Any], data: Any,
                    rule: CompiledRule | None, now_ms: float, fallback_time: float) -> EventPlan:
         """The reference destination's `push`, as data (walkeros.md §6.2)."""
-        timestamp = event.get("timestamp")
-        if not truthy(timestamp):
-            timestamp = fallback_time
-        if not is_finite_number(timestamp):
+        found: Any = event.get("timestamp")
+        if truthy(found) and not is_finite_number(found):
             plan.skipped = INVALID_EVENT
-            plan.warnings.append(f"timestamp after policy is not a number: {timestamp!r}")
+            plan.warnings.append(f"timestamp after policy is not a number: {found!r}")
             return plan
+        timestamp = float(found) if truthy(found) else fallback_time
         plan.timestamp_ms = timestamp
 
         profile: dict[str, str] = {}

@@ -10,6 +10,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from openapi_client.models import ProfileUpsertQuery
+from pydantic import ValidationError
+
 from transforms.klaviyo.wire import iso_time
 
 EARLIEST_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
@@ -76,12 +79,17 @@ def event_problems(body: dict[str, Any], timestamp_ms: float, now_ms: float) -> 
 
 
 def profile_problems(body: dict[str, Any]) -> list[str]:
-    """Why Klaviyo would reject this create_or_update_profile body; empty when it would not."""
+    """Why Klaviyo would reject this create_or_update_profile body; empty when it would not.
+
+    Identify bodies come from user mappings (`firstName: 5`, `location: "Berlin"`, a numeric
+    `zip`), which the SDK's strict request model refuses before sending. Profiles are sent only
+    when they change, so checking with that very model here is cheap (a few µs).
+    """
     problems = _common_problems(body, MAX_PROFILE_BYTES)
-    attributes = body["data"]["attributes"]
-    for name in ("first_name", "last_name", "organization", "title", "image"):
-        if name in attributes and not isinstance(attributes[name], str):
-            problems.append(f"{name} must be a string, got {attributes[name]!r:.60}")
-    if "location" in attributes and not isinstance(attributes["location"], dict):
-        problems.append(f"location must be an object, got {attributes['location']!r:.60}")
+    try:
+        ProfileUpsertQuery.model_validate(body)
+    except ValidationError as error:
+        for detail in error.errors():
+            where = ".".join(str(part) for part in detail["loc"])
+            problems.append(f"{where}: {detail['msg']} (got {detail.get('input')!r:.60})")
     return problems

@@ -168,7 +168,7 @@ def import_callable(spec: str, where: str) -> Callable[..., Any]:
         raise ConfigError(f"{where}: cannot import {target}: {error}") from error
     if not callable(found):
         raise ConfigError(f"{where}: {target} is not callable")
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 @dataclass
@@ -350,8 +350,8 @@ def _find_destination(flows: dict[str, Any], wanted: str | None) -> tuple[str, s
             if wanted is None and is_klaviyo or wanted in (step_id, f"{flow_name}.{step_id}"):
                 found.append((flow_name, step_id, step))
     if not found:
-        what = f"destination {wanted!r}" if wanted else f"destination with package {KLAVIYO_PACKAGE}"
-        raise ConfigError(f"flows: no {what}")
+        what = repr(wanted) if wanted else f"with package {KLAVIYO_PACKAGE}"
+        raise ConfigError(f"flows: no destination {what}")
     if len(found) > 1:
         names = ", ".join(f"{flow}.{step}" for flow, step, _ in found)
         raise ConfigError(f"flows: several Klaviyo destinations ({names}); choose one by id")
@@ -400,7 +400,7 @@ def load_config(
         where = f"flows.{flow_name}.destinations.{destination_id}.config"
     settings = raw.get("settings") if isinstance(raw, dict) else None
     api_key = _api_key_reference(settings.get("apiKey")) if isinstance(settings, dict) else None
-    if api_key is not None:
+    if api_key is not None and isinstance(settings, dict):
         raw = {**raw, "settings": {k: v for k, v in settings.items() if k != "apiKey"}}
     resolved = resolver.value(raw, where)
     if api_key is not None:

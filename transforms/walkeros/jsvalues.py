@@ -132,19 +132,21 @@ def js_number_to_string(value: int | float) -> str:
 def to_json_value(value: Any) -> Any:
     """A copy that `json.dumps` writes the way `JSON.stringify` would.
 
-    Undefined object members are left out and undefined list entries become null.
+    Undefined object members are left out, undefined list entries become null, and so do
+    infinite numbers (JSON has no Infinity; JavaScript writes null).
     """
     kind = value.__class__
     if kind is dict:
-        return {k: v if v.__class__ in _SCALARS else to_json_value(v)
+        return {k: v if v.__class__ in _PLAIN else to_json_value(v)
                 for k, v in value.items() if v is not UNDEFINED}
     if kind is list:
-        return [None if v is UNDEFINED else v if v.__class__ in _SCALARS else to_json_value(v)
-                for v in value]
+        return [v if v.__class__ in _PLAIN else to_json_value(v) for v in value]
+    if value is UNDEFINED or (kind is float and math.isinf(value)):
+        return None
     return value
 
 
-_SCALARS = frozenset({str, int, float, bool})
+_PLAIN = frozenset({str, int, bool})
 
 
 def canonical_json(value: Any) -> str:
