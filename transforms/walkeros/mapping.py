@@ -69,7 +69,7 @@ def _walk(value: Any, keys: list[str], default: Any) -> Any:
             return [_walk(item, rest, default) for item in current]
         else:
             current = _child(current, key)
-        if not truthy(current):
+        if current.__class__ is not dict and not truthy(current):
             break
     return default if current is UNDEFINED else current
 
@@ -168,6 +168,8 @@ def compile_value(mapping: Any) -> Resolver:
     """
     entries = [_compile_entry(entry)
                for entry in (mapping if isinstance(mapping, list) else [mapping])]
+    if len(entries) == 1 and not _uses_consent(mapping):
+        return _single(entries[0])
 
     def resolve(value: Any, event: Any, consent: Any) -> Any:
         if value is UNDEFINED:
@@ -184,6 +186,31 @@ def compile_value(mapping: Any) -> Resolver:
             if result is not UNDEFINED:
                 return result
         return UNDEFINED
+
+    return resolve
+
+
+def _uses_consent(mapping: Any) -> bool:
+    """Whether resolving `mapping` can read consent (a consent check or a callback)."""
+    if isinstance(mapping, list):
+        return any(_uses_consent(item) for item in mapping)
+    if not isinstance(mapping, dict):
+        return False
+    return bool({"consent", "fn", "condition", "validate"} & set(mapping)) or any(
+        _uses_consent(item) for item in (mapping.get("map") or {}).values()) or any(
+        _uses_consent(mapping.get(name)) for name in ("loop", "set"))
+
+
+def _single(entry: Resolver) -> Resolver:
+    """`compile_value` for one entry that never reads consent: no consent lookup per call."""
+
+    def resolve(value: Any, event: Any, consent: Any) -> Any:
+        if value is UNDEFINED:
+            return UNDEFINED
+        try:
+            return entry(value, event, consent)
+        except _MalformedItem:
+            return UNDEFINED
 
     return resolve
 
@@ -229,9 +256,12 @@ def _empty_object(value: Any, event: Any, consent: Any) -> Any:
 
 def _finish(result: Any, static: Any) -> Any:
     """Step 10: the result if it is a valid property, else the static value (cast)."""
-    if result is not UNDEFINED and is_property(result):
+    if result.__class__ in _SIMPLE or (result is not UNDEFINED and is_property(result)):
         return result
     return cast_to_property(static)
+
+
+_SIMPLE = frozenset({str, int, bool})
 
 
 def _compile_path(path: str, static: Any) -> Resolver:
