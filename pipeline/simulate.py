@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from transforms.klaviyo.identify_state import IdentifyState, decide
-from transforms.klaviyo.plan import EventPlan, Planner
+from transforms.klaviyo.plan import Call, EventPlan, Planner
 
 
 class Simulation:
@@ -30,11 +30,16 @@ class Simulation:
         self.states[plan.profile_key] = state
         return send
 
+    def plan(self, raw: bytes | str | dict[str, Any], now_ms: float | None = None
+             ) -> tuple[EventPlan, list[Call]]:
+        """The plan for one event and the calls it makes after the identify decision."""
+        plan = self.planner.plan(raw, now_ms=time.time() * 1000 if now_ms is None else now_ms)
+        return plan, plan.calls(send_profile=self.send_profile(plan))
+
     def step(self, raw: bytes | str | dict[str, Any], now_ms: float | None = None
              ) -> dict[str, Any]:
         """One input event → one `simulate` output record."""
-        plan = self.planner.plan(raw, now_ms=time.time() * 1000 if now_ms is None else now_ms)
-        calls = plan.calls(send_profile=self.send_profile(plan))
+        plan, calls = self.plan(raw, now_ms)
         return {"event_id": plan.event_id,
                 "calls": [[call.method, call.body] for call in calls],
                 "skipped": plan.skipped,
