@@ -10,7 +10,7 @@ Faults are queued per route with `inject` and used up one per request, in order.
 write" stores the data and then closes the connection without an answer: the client sees a
 connection error and retries, which is how idempotency is proven.
 
-Usage: `pytest_plugins = ["tests.klaviyo_server"]` in a test module gives it the
+Usage: `pytest_plugins = ["tests.conftest_klaviyo"]` in a test module gives it the
 `klaviyo_server` fixture (started on a free port, stopped after the test); or use
 `with KlaviyoTestServer(...) as server:`.
 """
@@ -25,14 +25,13 @@ import socket
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
-
-import pytest
 
 BULK_EVENTS = "POST /api/event-bulk-create-jobs"
 EVENTS = "POST /api/events"
@@ -109,7 +108,8 @@ class Fault:
 class LoggedRequest:
     route: str
     status: int | None  # None: the connection was dropped without an answer
-    events: int = 0
+    events: int  # events in a bulk events request
+    size: int  # body bytes as received
 
 
 @dataclass
@@ -125,6 +125,7 @@ class _Job:
     job_id: str
     total: int
     errors: list[Json]
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     polls: int = 0
 
 
@@ -143,6 +144,9 @@ class _Rejected(Exception):
         self.answer = _Answer(status, {"errors": errors})
 
 
+_ids = itertools.count(1)  # error, profile and job ids
+
+
 def _error(
     status: int, code: str, title: str, detail: str, pointer: str = "/data", **meta: Any
 ) -> Json:
@@ -156,9 +160,6 @@ def _error(
         "links": {},
         "meta": meta,
     }
-
-
-_ids = itertools.count(1)
 
 
 class KlaviyoTestServer:
@@ -184,7 +185,8 @@ class KlaviyoTestServer:
     def start(self) -> KlaviyoTestServer:
         self._http = _HTTPServer(("127.0.0.1", 0), _Handler)
         self._http.app = self
-        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        serve = partial(self._http.serve_forever, poll_interval=0.05)  # quick to stop
+        threading.Thread(target=serve, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -229,7 +231,9 @@ class KlaviyoTestServer:
 
     # --- request handling ------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, headers: Any, raw: bytes) -> tuple[str, _Answer, Fault]:
+    def handle(
+        self, method: str, path: str, headers: Any, raw: bytes
+    ) -> tuple[str, _Answer, Fault]:
         """Decide the answer to one request; the handler carries out slow/drop faults."""
         route, job_id = _route(method, urlsplit(path).path)
         if headers.get("Authorization") != f"Klaviyo-API-Key {self.api_key}":
@@ -250,7 +254,7 @@ class KlaviyoTestServer:
     def record(self, route: str, status: int | None, raw: bytes) -> None:
         events = _event_count(raw) if route == BULK_EVENTS else 0
         with self._lock:
-            self.log.append(LoggedRequest(route, status, events))
+            self.log.append(LoggedRequest(route, status, events, len(raw)))
 
     def _dispatch(
         self, route: str, job_id: str, raw: bytes, query: dict[str, list[str]]
@@ -274,21 +278,24 @@ class KlaviyoTestServer:
         limits = self.rate_limits.get(route)
         if limits is None:
             return None
-        now = time.monotonic() * self.time_scale
+        now = time.monotonic() * self.time_scale  # in Klaviyo seconds
+        windows = [
+            (limit, seconds, math.floor(now / seconds))
+            for limit, seconds in zip(limits, (1.0, 60.0), strict=True)
+        ]
         with self._lock:
-            windows = [(limit, seconds, math.floor(now / seconds)) for limit, seconds in
-                       zip(limits, (1.0, 60.0), strict=True)]
-            counts = [self._windows.get((route, seconds), (index, 0)) for _, seconds, index in
-                      windows]
-            counts = [(index, count if seen == index else 0) for (seen, count), (_, _, index) in
-                      zip(counts, windows, strict=True)]
-            for (limit, seconds, index), (_, count) in zip(windows, counts, strict=True):
+            counts = [self._count_in(route, seconds, index) for _, seconds, index in windows]
+            for (limit, seconds, index), count in zip(windows, counts, strict=True):
                 if count >= limit:
                     real_wait = ((index + 1) * seconds - now) / self.time_scale
                     return _answer_throttled(max(1, math.ceil(real_wait)))
-            for (_, seconds, index), (_, count) in zip(windows, counts, strict=True):
+            for (_, seconds, index), count in zip(windows, counts, strict=True):
                 self._windows[(route, seconds)] = (index, count + 1)
         return None
+
+    def _count_in(self, route: str, seconds: float, index: int) -> int:
+        counted_index, count = self._windows.get((route, seconds), (index, 0))
+        return count if counted_index == index else 0
 
     # --- events ------------------------------------------------------------------------------
 
@@ -297,23 +304,26 @@ class KlaviyoTestServer:
         data = _require(document, "data", dict, "/data")
         if data.get("type") != "event-bulk-create-job":
             raise _invalid("/data/type", "Expected type 'event-bulk-create-job'.")
-        entries = _require(
-            _require(_require(data, "attributes", dict, "/data/attributes"),
-                     "events-bulk-create", dict, "/data/attributes/events-bulk-create"),
-            "data", list, root,
-        )
+        entries = _dig(data, "attributes", "events-bulk-create", "data")
+        if not isinstance(entries, list):
+            raise _invalid(root, "A list of 'event-bulk-create' objects is required.")
+        if _events_in(entries) > MAX_BULK_EVENTS:
+            raise _invalid(root, f"At most {MAX_BULK_EVENTS} events per request.")
         errors: list[Json] = []
         accepted: list[tuple[Json, Json]] = []
         seen: set[tuple[str, str, str]] = set()
         for i, entry in enumerate(entries):
             pointer = f"{root}/{i}"
             attributes = entry.get("attributes") if isinstance(entry, dict) else None
-            if not isinstance(entry, dict) or entry.get("type") != "event-bulk-create" or \
-                    not isinstance(attributes, dict):
+            if (
+                not isinstance(entry, dict)
+                or entry.get("type") != "event-bulk-create"
+                or not isinstance(attributes, dict)
+            ):
                 errors.append(_invalid_error(pointer, "Expected an 'event-bulk-create' object."))
                 continue
             profile = _profile_attributes(attributes, f"{pointer}/attributes/profile", errors)
-            events = (attributes.get("events") or {}).get("data")
+            events = _dig(attributes, "events", "data")
             if not isinstance(events, list) or not events:
                 errors.append(_invalid_error(f"{pointer}/attributes/events", "Events required."))
                 continue
@@ -327,16 +337,16 @@ class KlaviyoTestServer:
                     continue
                 key = _repeat_key(profile, event_attributes)
                 if key is not None and key in seen:
-                    errors.append(_invalid_error(
-                        f"{event_pointer}/attributes/unique_id",
-                        "A unique_id is repeated for the same profile and metric.",
-                    ))
+                    errors.append(
+                        _invalid_error(
+                            f"{event_pointer}/attributes/unique_id",
+                            "A unique_id is repeated for the same profile and metric.",
+                        )
+                    )
                     continue
                 if key is not None:
                     seen.add(key)
                 accepted.append((profile, event_attributes))
-        if len(accepted) + len(errors) > MAX_BULK_EVENTS:
-            raise _invalid(root, f"At most {MAX_BULK_EVENTS} events per request.")
         if errors:
             return _Answer(400, {"errors": errors})
         with self._lock:
@@ -350,7 +360,8 @@ class KlaviyoTestServer:
         attributes = _event_attributes(data, "/data", errors)
         profile = _profile_attributes(
             _require(data, "attributes", dict, "/data/attributes"),
-            "/data/attributes/profile", errors,
+            "/data/attributes/profile",
+            errors,
         )
         if errors or attributes is None or profile is None:
             return _Answer(400, {"errors": errors})
@@ -382,7 +393,8 @@ class KlaviyoTestServer:
             conflict = self._conflict(attributes)
             if conflict is not None:
                 return _answer_error(
-                    409, "duplicate_profile",
+                    409,
+                    "duplicate_profile",
                     "A profile already exists with one of these identifiers.",
                     duplicate_profile_id=conflict,
                 )
@@ -403,17 +415,16 @@ class KlaviyoTestServer:
         data = _require(document, "data", dict, "/data")
         if data.get("type") != "profile-bulk-import-job":
             raise _invalid("/data/type", "Expected type 'profile-bulk-import-job'.")
-        profiles = _require(
-            _require(_require(data, "attributes", dict, "/data/attributes"),
-                     "profiles", dict, "/data/attributes/profiles"),
-            "data", list, root,
-        )
+        profiles = _dig(data, "attributes", "profiles", "data")
+        if not isinstance(profiles, list):
+            raise _invalid(root, "A list of 'profile' objects is required.")
         if len(profiles) > MAX_BULK_PROFILES:
             raise _invalid(root, f"At most {MAX_BULK_PROFILES} profiles per request.")
         structural = [
             _invalid_error(f"{root}/{i}", "Expected a 'profile' object with attributes.")
             for i, profile in enumerate(profiles)
-            if not isinstance(profile, dict) or profile.get("type") != "profile"
+            if not isinstance(profile, dict)
+            or profile.get("type") != "profile"
             or not isinstance(profile.get("attributes"), dict)
         ]
         if structural:
@@ -449,7 +460,7 @@ class KlaviyoTestServer:
             return _answer_error(404, "not_found", f"No import job {job_id}.")
         start = int(query.get("page[cursor]", ["0"])[0])
         size = int(query.get("page[size]", ["20"])[0])
-        page = job.errors[start:start + size]
+        page = job.errors[start : start + size]
         data = [
             {
                 "type": "import-error",
@@ -476,8 +487,9 @@ class KlaviyoTestServer:
 
     def _matches(self, attributes: Json) -> list[str]:
         found: list[str] = []
-        for key in IDENTIFIERS:
-            profile_id = self._profile_by_identifier.get((key, attributes.get(key)))
+        for key in EVENT_PROFILE_IDENTIFIERS:
+            value = attributes.get(key)
+            profile_id = self._profile_by_identifier.get((key, value)) if value else None
             if profile_id is not None and profile_id not in found:
                 found.append(profile_id)
         return found
@@ -497,7 +509,7 @@ class KlaviyoTestServer:
                     stored.pop(key, None)
             else:
                 stored[key] = value
-        for key in IDENTIFIERS:
+        for key in EVENT_PROFILE_IDENTIFIERS:
             if stored.get(key) is not None:
                 self._profile_by_identifier[(key, stored[key])] = profile_id
         return profile_id, created
@@ -560,15 +572,22 @@ _CHALLENGE_PAGE = b"<!DOCTYPE html><html><head><title>Just a moment...</title></
 
 
 def _answer_error(status: int, code: str, detail: str, **meta: Any) -> _Answer:
-    titles = {401: "Authentication error.", 403: "Permission denied.", 404: "Not found.",
-              409: "Conflict.", 413: "Payload too large."}
+    titles = {
+        401: "Authentication error.",
+        403: "Permission denied.",
+        404: "Not found.",
+        409: "Conflict.",
+        413: "Payload too large.",
+    }
     title = titles.get(status, "Server error.")
     return _Answer(status, {"errors": [_error(status, code, title, detail, **meta)]})
 
 
 def _answer_throttled(retry_after: int) -> _Answer:
     error = _error(
-        429, "throttled", "Request was throttled.",
+        429,
+        "throttled",
+        "Request was throttled.",
         f"Request was throttled. Expected available in {retry_after} second.",
     )
     error["links"] = {
@@ -597,6 +616,8 @@ def _job_body(job: _Job, status: str) -> Json:
             "id": job.job_id,
             "attributes": {
                 "status": status,
+                "created_at": job.created_at,
+                "completed_at": job.created_at if done else None,
                 "total_count": job.total,
                 "completed_count": job.total - len(job.errors) if done else 0,
                 "failed_count": len(job.errors) if done else 0,
@@ -619,8 +640,17 @@ def _invalid(pointer: str, detail: str) -> _Rejected:
 
 def _document(raw: bytes) -> Json:
     if len(raw) >= MAX_PAYLOAD_BYTES:
-        raise _Rejected(413, [_error(413, "too_large", "Payload too large.",
-                                     f"The payload is {len(raw)} bytes, over 5 MB.")])
+        raise _Rejected(
+            413,
+            [
+                _error(
+                    413,
+                    "too_large",
+                    "Payload too large.",
+                    f"The payload is {len(raw)} bytes, over 5 MB.",
+                )
+            ],
+        )
     try:
         document = json.loads(raw)
     except ValueError:
@@ -639,8 +669,8 @@ def _require(parent: Json, key: str, kind: type, pointer: str) -> Any:
 
 def _profile_attributes(attributes: Json, pointer: str, errors: list[Json]) -> Json | None:
     """The event's profile attributes, if it has at least one valid identifier."""
-    data = (attributes.get("profile") or {}).get("data")
-    profile = data.get("attributes") if isinstance(data, dict) else None
+    data = _dig(attributes, "profile", "data")
+    profile = _dig(data, "attributes")
     if not isinstance(profile, dict) or data.get("type") != "profile":
         errors.append(_invalid_error(pointer, "A profile is required."))
         return None
@@ -652,7 +682,9 @@ def _profile_attributes(attributes: Json, pointer: str, errors: list[Json]) -> J
 
 
 def _identifier_errors(
-    attributes: Json, pointer: str, identifiers: tuple[str, ...] = IDENTIFIERS,
+    attributes: Json,
+    pointer: str,
+    identifiers: tuple[str, ...] = IDENTIFIERS,
     has_id: bool = False,
 ) -> list[Json]:
     if not has_id and not any(attributes.get(key) for key in identifiers):
@@ -678,11 +710,14 @@ def _event_attributes(event: Json, pointer: str, errors: list[Json]) -> Json | N
         return None
     pointer = f"{pointer}/attributes"
     found: list[Json] = []
-    metric = ((attributes.get("metric") or {}).get("data") or {}).get("attributes") or {}
-    name = metric.get("name")
+    name = _dig(attributes, "metric", "data", "attributes", "name")
     if not isinstance(name, str) or not name or len(name) > MAX_METRIC_NAME:
-        found.append(_invalid_error(f"{pointer}/metric/data/attributes/name",
-                                    "A metric name of 1 to 127 characters is required."))
+        found.append(
+            _invalid_error(
+                f"{pointer}/metric/data/attributes/name",
+                "A metric name of 1 to 127 characters is required.",
+            )
+        )
     if not isinstance(attributes.get("properties"), dict):
         found.append(_invalid_error(f"{pointer}/properties", "'properties' is required."))
     try:
@@ -691,9 +726,11 @@ def _event_attributes(event: Json, pointer: str, errors: list[Json]) -> Json | N
         found.append(_invalid_error(f"{pointer}/time", "'time' must be an ISO 8601 datetime."))
     else:
         if not EARLIEST_TIME <= moment <= datetime.now(UTC) + timedelta(days=365):
-            found.append(_invalid_error(
-                f"{pointer}/time", "'time' must be after 2000 and at most one year ahead."
-            ))
+            found.append(
+                _invalid_error(
+                    f"{pointer}/time", "'time' must be after 2000 and at most one year ahead."
+                )
+            )
     value = attributes.get("value")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
         found.append(_invalid_error(f"{pointer}/value", "'value' must be a number."))
@@ -713,17 +750,34 @@ def _repeat_key(profile: Json, attributes: Json) -> tuple[str, str, str] | None:
     unique_id = attributes.get("unique_id")
     if unique_id is None:
         return None
-    identity = json.dumps({key: profile.get(key) for key in EVENT_PROFILE_IDENTIFIERS},
-                          sort_keys=True)
+    identity = json.dumps(
+        {key: profile.get(key) for key in EVENT_PROFILE_IDENTIFIERS}, sort_keys=True
+    )
     return identity, attributes["metric"]["data"]["attributes"]["name"], unique_id
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    """`value[k1][k2]...`, or None where the structure is not what Klaviyo expects."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _events_in(entries: Any) -> int:
+    if not isinstance(entries, list):
+        return 0
+    counts = (_dig(entry, "attributes", "events", "data") for entry in entries)
+    return sum(len(events) for events in counts if isinstance(events, list))
 
 
 def _event_count(raw: bytes) -> int:
     try:
-        entries = json.loads(raw)["data"]["attributes"]["events-bulk-create"]["data"]
-        return sum(len(entry["attributes"]["events"]["data"]) for entry in entries)
-    except (ValueError, KeyError, TypeError):
+        document = json.loads(raw)
+    except ValueError:
         return 0
+    return _events_in(_dig(document, "data", "attributes", "events-bulk-create", "data"))
 
 
 def _route(method: str, path: str) -> tuple[str, str]:
@@ -732,10 +786,3 @@ def _route(method: str, path: str) -> tuple[str, str]:
     if method == "GET" and match:
         return (IMPORT_ERRORS if match[2] else IMPORT_JOB), match[1]
     return f"{method} {path.rstrip('/')}", ""
-
-
-@pytest.fixture
-def klaviyo_server() -> Iterator[KlaviyoTestServer]:
-    """A running test server whose clock runs 60 times faster (a rate-limit minute is 1 s)."""
-    with KlaviyoTestServer(time_scale=60.0) as server:
-        yield server

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
@@ -198,7 +198,7 @@ def plan_event_batches(
                 continue
             first_seen[key] = index
         items.append((index, attributes))
-    chunks = _chunks(items, max_events, max_bytes, lambda attributes: len(json.dumps(attributes)))
+    chunks = _chunks(items, max_events, max_bytes)
     return EventPlan([EventBatch.of(chunk) for chunk in chunks], duplicates)
 
 
@@ -209,13 +209,11 @@ def plan_profile_batches(
 ) -> list[ProfileBatch]:
     """Split create_or_update_profile bodies into bulk profile import requests."""
     items = [(index, body["data"]) for index, body in enumerate(create_or_update_profile_bodies)]
-    chunks = _chunks(items, max_profiles, max_bytes, lambda profile: len(json.dumps(profile)))
+    chunks = _chunks(items, max_profiles, max_bytes)
     return [ProfileBatch(tuple(chunk)) for chunk in chunks]
 
 
-def _chunks(
-    items: Sequence[Item], max_count: int, max_bytes: int, size: Callable[[Json], int]
-) -> list[list[Item]]:
+def _chunks(items: Sequence[Item], max_count: int, max_bytes: int) -> list[list[Item]]:
     """Consecutive runs of at most `max_count` items whose estimated wire size is < `max_bytes`.
 
     An item too large on its own still gets a request of its own: Klaviyo's rejection of it is
@@ -225,7 +223,7 @@ def _chunks(
     current: list[Item] = []
     current_bytes = _REQUEST_OVERHEAD
     for item in items:
-        item_bytes = size(item[1]) + _SDK_GROWTH_PER_ITEM
+        item_bytes = len(json.dumps(item[1])) + _SDK_GROWTH_PER_ITEM
         if current and (len(current) >= max_count or current_bytes + item_bytes >= max_bytes):
             chunks.append(current)
             current, current_bytes = [], _REQUEST_OVERHEAD

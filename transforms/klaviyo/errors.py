@@ -45,7 +45,8 @@ class ApiError:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        text = " ".join(part for part in (self.code, self.detail or self.title) if part)
+        text = self.detail or self.title
+        text = f"{self.code}: {text}" if self.code else text
         return f"{text} (at {self.pointer})" if self.pointer else text
 
 
@@ -96,6 +97,8 @@ def classify(exc: BaseException) -> CallFailure:
 def _is_timeout(exc: BaseException) -> bool:
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         return _is_timeout(exc.reason)
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return False  # a refused connection; urllib3 derives it from ConnectTimeoutError
     return isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
 
 

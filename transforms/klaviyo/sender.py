@@ -74,12 +74,17 @@ Outcome = Delivered | DeadLetter
 
 
 class Metrics(Protocol):
+    """Where counts go. Names are `<endpoint>_requests_<status>`, `<endpoint>_retries`,
+    `<endpoint>_throttled` (429s) and the distribution `<endpoint>_latency_ms`."""
+
     def count(self, name: str, value: int = 1) -> None: ...
 
     def observe(self, name: str, value: float) -> None: ...
 
 
 class NoMetrics:
+    """The default: count nothing."""
+
     def count(self, name: str, value: int = 1) -> None:
         pass
 
@@ -121,10 +126,12 @@ class KlaviyoSender:
         plan = plan_event_batches(bodies, self._max_events, self._max_bytes)
         outcomes: dict[int, Outcome] = {}
         for batch in plan.batches:
-            if self._send_batch(
+            accepted = self._send_batch(
                 Endpoint.BULK_EVENTS, batch, self._client.bulk_create_events, outcomes
-            ):
-                outcomes.update(dict.fromkeys(batch.indexes, Delivered()))
+            )
+            if accepted:
+                sent, _ = accepted
+                outcomes.update(dict.fromkeys(sent.indexes, Delivered()))
         for duplicate, first in plan.duplicates.items():
             outcomes[duplicate] = _as_duplicate(outcomes[first])
         return [outcomes[index] for index in range(len(calls))]
@@ -171,7 +178,8 @@ class KlaviyoSender:
             result = self._call(endpoint, partial(send, pending.body()))
             if not isinstance(result, CallFailure):
                 return pending, result
-            named = _named_calls(result, pending.calls_at) if _is_permanent(result) else {}
+            permanent = result.kind is ErrorKind.PERMANENT
+            named = _named_calls(result, pending.calls_at) if permanent else {}
             if not named:
                 outcomes.update(dict.fromkeys(pending.indexes, _dead_letter(result)))
                 return None
@@ -222,7 +230,12 @@ class KlaviyoSender:
                     ErrorKind.PERMANENT, status, f"import job {job_id} was cancelled"
                 )
             if self._clock() + self._job_poll_seconds > deadline:
-                return _job_timed_out(job_id, status, self._job_timeout_seconds)
+                return CallFailure(
+                    ErrorKind.TRANSIENT,
+                    "job_timeout",
+                    f"import job {job_id} still {status} after {self._job_timeout_seconds:g} s;"
+                    " its outcome is unknown",
+                )
             self._sleep(self._job_poll_seconds)
 
     def _import_errors(self, job_id: str) -> list[tuple[ApiError, Json]] | CallFailure:
@@ -263,9 +276,11 @@ class KlaviyoSender:
             self._limiter.succeeded(endpoint)
             return result
 
-        result = self._retrier.run(
-            attempt, on_retry=lambda failure: self._metrics.count(f"{endpoint}_retries")
-        )
+        def retrying(failure: CallFailure) -> None:
+            self._metrics.count(f"{endpoint}_retries")
+            log.info("%s: retrying after %s", endpoint, failure.summary)
+
+        result = self._retrier.run(attempt, on_retry=retrying)
         if isinstance(result, CallFailure) and result.kind is ErrorKind.CONFIGURATION:
             raise KlaviyoConfigurationError(
                 f"Klaviyo refused the API key ({result.summary}). Check that it is a private key "
@@ -285,10 +300,6 @@ def _body(call: PlannedCall, expected_method: str) -> Mapping[str, Any]:
     return body
 
 
-def _is_permanent(failure: CallFailure) -> bool:
-    return failure.kind is ErrorKind.PERMANENT
-
-
 def _named_calls(
     failure: CallFailure, calls_at: Callable[[str], tuple[int, ...]]
 ) -> dict[int, list[ApiError]]:
@@ -301,7 +312,7 @@ def _named_calls(
 
 def _dead_letter(failure: CallFailure) -> DeadLetter:
     if failure.kind is ErrorKind.TRANSIENT:
-        verdict = "still failing when the retry deadline passed"
+        verdict = "not delivered before the deadline"
     else:
         verdict = "rejected"
     details = "; ".join(error.describe() for error in failure.errors) or failure.summary
@@ -315,18 +326,10 @@ def _as_duplicate(first: Outcome) -> Outcome:
     return DeadLetter(reason, first.failure)
 
 
-def _job_timed_out(job_id: str, status: str, seconds: float) -> CallFailure:
-    return CallFailure(
-        ErrorKind.TRANSIENT,
-        "job_timeout",
-        f"bulk import job {job_id} still {status} after {seconds:g} s; its outcome is unknown",
-    )
-
-
 def _import_failure(job_id: str, errors: list[ApiError]) -> CallFailure:
     return CallFailure(
         ErrorKind.PERMANENT,
         "import_error",
-        f"bulk import job {job_id} reported {len(errors)} error(s)",
+        f"import job {job_id} reported {len(errors)} error(s)",
         errors=tuple(errors),
     )

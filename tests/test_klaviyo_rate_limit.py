@@ -1,0 +1,174 @@
+"""The client-side rate limiter, on a fake clock: no real waiting, no timing assertions."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
+
+
+class FakeClock:
+    """Time moves only when someone sleeps. Remembers, per thread, the last time it told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._lock = threading.Lock()
+        self._seen = threading.local()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self._seen.value = self.now
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+    @property
+    def last_seen(self) -> float:
+        value: float = self._seen.value
+        return value
+
+
+def limiter(
+    clock: FakeClock,
+    limits: dict[Endpoint, Limit] | None = None,
+    scale: float = 1.0,
+    divide_by: int = 1,
+) -> RateLimiter:
+    return RateLimiter(limits, scale=scale, divide_by=divide_by, clock=clock, sleep=clock.sleep)
+
+
+def grant_times(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        rate_limiter.acquire(Endpoint.BULK_EVENTS)
+        times.append(clock.now)
+    return times
+
+
+def most_in_any_window(times: list[float], seconds: float) -> int:
+    ordered = sorted(times)
+    return max(
+        sum(1 for t in ordered[i:] if t < start + seconds) for i, start in enumerate(ordered)
+    )
+
+
+def test_published_burst_then_steady_limits() -> None:
+    clock = FakeClock()
+
+    times = grant_times(limiter(clock), clock, 160)
+
+    assert times[:10] == [0.0] * 10  # Klaviyo's burst: 10 per second
+    assert times[10] == 1.0
+    assert times[149] < 60.0
+    assert times[150] == 60.0  # steady: 150 per minute
+    assert most_in_any_window(times, 1.0) == 10
+    assert most_in_any_window(times, 60.0) == 150
+
+
+def test_endpoints_are_limited_separately() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock)
+
+    grant_times(rate_limiter, clock, 10)
+    waited = rate_limiter.acquire(Endpoint.PROFILE_IMPORT)
+
+    assert waited == 0.0
+    assert clock.now == 0.0
+
+
+def test_scale_shortens_the_windows() -> None:
+    clock = FakeClock()
+
+    times = grant_times(limiter(clock, scale=60), clock, 151)
+
+    assert times[9] == 0.0
+    assert times[10] == pytest.approx(1 / 60)
+    assert times[150] == pytest.approx(1.0)  # a "minute" of a 60x faster test server
+
+
+def test_divide_by_keeps_each_worker_to_its_share() -> None:
+    clock = FakeClock()
+
+    times = grant_times(limiter(clock, divide_by=4), clock, 40)
+
+    assert most_in_any_window(times, 1.0) == 2  # 10/4 rounds down: never over the share
+    assert most_in_any_window(times, 60.0) <= 37  # 150/4
+
+
+def test_a_share_below_one_per_window_spaces_requests_out() -> None:
+    clock = FakeClock()
+
+    times = grant_times(limiter(clock, divide_by=20), clock, 3)
+
+    assert times == [0.0, 2.0, 4.0]  # 10/20 per second is one request every 2 seconds
+
+
+def test_overrides_replace_the_published_limit() -> None:
+    clock = FakeClock()
+
+    times = grant_times(limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(1, 60)}), clock, 3)
+
+    assert times == [0.0, 1.0, 2.0]
+
+
+def test_429_pauses_for_retry_after_and_halves_the_rate() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock)
+
+    rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=3)
+    times = grant_times(rate_limiter, clock, 6)
+
+    assert times[0] == 3.0
+    assert times[:5] == [3.0] * 5  # burst halved from 10 to 5
+    assert times[5] == 4.0
+
+
+def test_429s_in_a_row_keep_slowing_down_and_successes_win_the_rate_back() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock)
+    for _ in range(3):
+        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None)
+
+    slow = grant_times(rate_limiter, clock, 2)
+    for _ in range(40):
+        rate_limiter.succeeded(Endpoint.BULK_EVENTS)
+    clock.sleep(60)
+    fast = grant_times(rate_limiter, clock, 11)
+
+    assert slow[1] - slow[0] == 1.0  # 10 / 8 per second rounds down to 1
+    assert fast[9] == fast[0]
+    assert fast[10] == fast[0] + 1.0
+
+
+def test_threads_sharing_a_limiter_never_exceed_it() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock)
+    granted: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            rate_limiter.acquire(Endpoint.BULK_EVENTS)
+            with lock:
+                granted.append(clock.last_seen)  # the time the limiter granted it at
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(granted) == 200
+    assert most_in_any_window(granted, 1.0) <= 10
+    assert most_in_any_window(granted, 60.0) <= 150
+
+
+def test_rejects_nonsense_settings() -> None:
+    with pytest.raises(ValueError):
+        RateLimiter(scale=0)
+    with pytest.raises(ValueError):
+        RateLimiter(divide_by=0)
