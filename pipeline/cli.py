@@ -1,4 +1,4 @@
-"""The `walkeros-klaviyo` command: `simulate`, `bench`, and `run` (the Beam job).
+"""The `walkeros-klaviyo` command: `simulate`, `bench`, `run` (the Beam job) and `replay`.
 
 Each subcommand lives in its own module; this file only parses the command line and reports
 configuration errors as one clear line instead of a traceback.
@@ -46,6 +46,16 @@ def _run(argv: Sequence[str]) -> int:
     return run_main(list(argv))
 
 
+def _replay(argv: Sequence[str]) -> int:
+    from pipeline.replay import main as replay_main
+
+    return replay_main(list(argv))
+
+
+# Subcommands that parse their own arguments (Beam's options, or their own parser).
+_DELEGATED = {"run": _run, "replay": _replay}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walkeros-klaviyo",
@@ -72,14 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("run", help="run the Beam pipeline; `run --help` lists its options",
                         add_help=False)
+    commands.add_parser("replay", help="send dead letters back through the pipeline; "
+                                       "`replay --help` lists its options", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
+    if argv and argv[0] in _DELEGATED:
         try:
-            return _run(argv[1:])
+            return _DELEGATED[argv[0]](argv[1:])
         except ConfigError as error:
             print(f"walkeros-klaviyo: configuration error: {error}", file=sys.stderr)
             return 2

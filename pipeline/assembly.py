@@ -1,0 +1,77 @@
+"""The job's graph, built from its settings:
+
+    read → plan_calls: parse → plan → identify_state → preflight → sink (the dry run for now)
+                       └──────── dead letters of every stage ───────→ dead_letters
+
+The transform labels are part of the job's identity on Dataflow (an update maps state by them),
+so they are fixed strings here and inside each stage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.gcp.pubsub import ReadFromPubSub
+
+from pipeline.options import JobSettings
+from transforms.dead_letters import WriteDeadLetters
+from transforms.dry_run import WriteDryRun
+from transforms.identify_state import ApplyIdentifyState
+from transforms.parse import Parse
+from transforms.plan import Clock, Plan
+from transforms.preflight import Preflight
+from transforms.walkeros.config import ConfigError, LoadedConfig, load_config
+
+
+def read_config(path: str, destination: str | None) -> LoadedConfig:
+    """Load the config from a local path or any filesystem Beam knows (gs://)."""
+    try:
+        with FileSystems.open(path) as handle:
+            text = handle.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+    return load_config(text, destination=destination)
+
+
+class PlanCalls(beam.PTransform):
+    """Input records (Pub/Sub messages, bytes or lines) → (calls to send, dead letters)."""
+
+    def __init__(self, config: dict[str, Any], *, ttl_seconds: int,
+                 clock: Clock = time.time) -> None:
+        super().__init__()
+        self.config = config
+        self.ttl_seconds = ttl_seconds
+        self.clock = clock
+
+    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        events, parse_dead = records | "parse" >> Parse()
+        planned, plan_dead = events | "plan" >> Plan(self.config, clock=self.clock)
+        calls, state_dead = planned | "identify_state" >> ApplyIdentifyState(
+            ttl_seconds=self.ttl_seconds)
+        ready, preflight_dead = calls | "preflight" >> Preflight()
+        dead = (parse_dead, plan_dead, state_dead, preflight_dead) | "dead_letters" >> \
+            beam.Flatten()
+        return ready, dead
+
+
+def _read(pipeline: beam.Pipeline, settings: JobSettings) -> beam.PCollection:
+    if settings.source_kind == "subscription":
+        return pipeline | "read" >> ReadFromPubSub(subscription=settings.source,
+                                                   with_attributes=True)
+    if settings.source_kind == "topic":
+        return pipeline | "read" >> ReadFromPubSub(topic=settings.source, with_attributes=True)
+    return pipeline | "read" >> beam.io.ReadFromText(settings.source)
+
+
+def build(pipeline: beam.Pipeline, settings: JobSettings, config: dict[str, Any]) -> None:
+    """Add the whole job to `pipeline`."""
+    calls, dead = _read(pipeline, settings) | "plan_calls" >> PlanCalls(
+        config, ttl_seconds=settings.identify_state_ttl_seconds)
+    assert settings.dry_run_output is not None, "job_settings refuses a run without a sink"
+    calls | "sink" >> WriteDryRun(settings.dry_run_output, streaming=settings.streaming)
+    dead | "dead_letters" >> WriteDeadLetters(topic=settings.dead_letter_topic,
+                                              path=settings.dead_letter_path,
+                                              streaming=settings.streaming)

@@ -1,0 +1,116 @@
+"""The stages on hand-made Pub/Sub messages (batch, FnApiRunner): Pub/Sub ids and publish times
+as fallbacks (D4, D5), pre-flight dead letters (D6), counted skips, unexpected failures."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+import apache_beam as beam
+import pytest
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils.timestamp import Timestamp
+
+from pipeline.assembly import PlanCalls
+from pipeline.run_job import counter_totals
+from transforms.dead_letters import DeadLetterRecord
+from transforms.dry_run import dry_run_record
+from transforms.parse import envelope_of
+from transforms.walkeros.config import load_config
+
+CONFIG = load_config({
+    "consent": {"marketing": True},
+    "settings": {"identify": {"map": {"firstName": "data.firstName"}}},
+    "mapping": {"page": {"view": {"ignore": True}}},
+}).config
+NOW_S = 1_764_400_000.0
+USER, USER2, USER3 = ({"id": f"u-{n}", "email": f"u{n}@example.org"} for n in (7, 8, 9))
+PUBLISHED = datetime.datetime(2025, 11, 28, 10, 0, 0, 123_000, tzinfo=datetime.UTC)
+
+
+def _message(event: Any, message_id: str, **attributes: str) -> PubsubMessage:
+    data = event if isinstance(event, bytes) else json.dumps(event).encode("utf-8")
+    return PubsubMessage(data, attributes, message_id=message_id, publish_time=PUBLISHED)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """(calls, dead letters, counters) of one run over the messages below."""
+    messages = [
+        # no id, no timestamp: the message id and the publish time stand in (D4, D5)
+        _message({"name": "product view", "data": {"id": "cc"}, "user": USER,
+                  "consent": {"marketing": True}}, "m-1"),
+        # before 2000: Klaviyo would reject the event (D6); the upsert still goes
+        _message({"name": "user login", "id": "e-2", "timestamp": 900_000_000_000,
+                  "data": {"firstName": "Ana"}, "user": USER2,
+                  "consent": {"marketing": True}}, "m-2", src="web"),
+        _message({"name": "product add", "id": "e-3", "timestamp": 946_684_800_000,
+                  "user": USER3, "consent": {"marketing": True}}, "m-3"),  # 2000-01-01: ok
+        _message({"name": "product view", "id": "e-4", "user": USER, "consent": {}}, "m-4"),
+        _message({"name": "product view", "id": "e-5", "consent": {"marketing": True}}, "m-5"),
+        _message({"name": "page view", "id": "e-6", "user": USER,
+                  "consent": {"marketing": True}}, "m-6"),
+        _message(b"[" * 100_000, "m-7"),  # too deep for Python's JSON parser
+    ]
+    out = tmp_path_factory.mktemp("stages")
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    calls, dead = pipeline | beam.Create(messages) | PlanCalls(
+        CONFIG, ttl_seconds=86_400, clock=lambda: NOW_S)
+    calls | "calls" >> beam.Map(dry_run_record) | "calls_json" >> beam.Map(json.dumps) | \
+        "write_calls" >> beam.io.WriteToText(str(out / "calls"))
+    dead | "dead" >> beam.Map(DeadLetterRecord.to_json) | "dead_json" >> beam.Map(json.dumps) | \
+        "write_dead" >> beam.io.WriteToText(str(out / "dead"))
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    def read(name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for path in sorted(out.glob(f"{name}-*"))
+                for line in path.read_text(encoding="utf-8").splitlines()]
+
+    return read("calls"), read("dead"), counter_totals(result)
+
+
+def test_message_id_and_publish_time_are_the_fallbacks(run: Any) -> None:
+    calls, _, _ = run
+    [call] = [c for c in calls if c["event_id"] == "m-1" and c["method"] == "create_event"]
+    attributes = call["body"]["data"]["attributes"]
+    assert attributes["unique_id"] == "m-1"
+    assert attributes["time"] == "2025-11-28T10:00:00.123Z"
+
+
+def test_a_call_klaviyo_would_reject_is_a_dead_letter_the_rest_goes(run: Any) -> None:
+    calls, dead, _ = run
+    assert [c["method"] for c in calls if c["event_id"] == "e-2"] == ["create_or_update_profile"]
+    assert sorted(c["method"] for c in calls if c["event_id"] == "e-3") == [
+        "create_event", "create_or_update_profile"]
+    [letter] = [d for d in dead if d["stage"] == "preflight"]
+    assert letter["event_id"] == "e-2" and letter["message_id"] == "m-2"
+    assert letter["attributes"] == {"src": "web"}
+    assert letter["call"]["method"] == "create_event"
+    assert "before 2000-01-01" in letter["reason"]
+    assert json.loads(letter["payload"])["id"] == "e-2"
+    assert letter["publish_time"] == "2025-11-28T10:00:00.123Z"
+
+
+def test_unexpected_failure_is_a_dead_letter(run: Any) -> None:
+    _, dead, _ = run
+    [letter] = [d for d in dead if d["stage"] == "parse"]
+    assert letter["message_id"] == "m-7"
+    assert letter["reason"].startswith("unexpected RecursionError")
+
+
+def test_outcomes_are_counted(run: Any) -> None:
+    _, _, counters = run
+    assert counters == {"events_in": 7, "consent": 1, "no_identifier": 1, "ignored": 1,
+                        "events_planned": 3, "profiles_planned": 3, "dry_run_calls": 5}
+
+
+def test_element_timestamp_stands_in_for_a_missing_publish_time() -> None:
+    message = PubsubMessage(b"{}", {}, message_id="m")
+    assert envelope_of(message, Timestamp(1_764_000_000)).publish_time_ms == 1_764_000_000_000
+    assert envelope_of(message).publish_time_ms is None
+    assert envelope_of(_message({}, "m")).publish_time_ms == PUBLISHED.timestamp() * 1000
+    assert envelope_of("line", Timestamp(1_764_000_000)).publish_time_ms is None

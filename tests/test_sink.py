@@ -1,0 +1,152 @@
+"""The Beam sink against the local Klaviyo test server: batching bounds, the flush at the end of
+input (what a drain does), bulk 400 isolation, faults, and a refused key stopping the job."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.test_stream import TestStream as EventStream
+from apache_beam.utils.timestamp import Timestamp
+
+from tests.klaviyo_server import BULK_EVENTS, PROFILE_IMPORT, Fault, KlaviyoTestServer
+from transforms.elements import Envelope, OutgoingCall
+from transforms.klaviyo.api_key import ApiKeySource
+from transforms.klaviyo.errors import KlaviyoConfigurationError
+from transforms.klaviyo.plan import Call
+from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
+from transforms.sink import SendToKlaviyo, SinkSettings, literal_key_problem, shard_key
+
+pytest_plugins = ["tests.conftest_klaviyo"]
+TIME = "2026-11-28T10:00:00.000Z"
+
+
+def event_call(index: int, *, email: str | None = None, time: str = TIME) -> OutgoingCall:
+    profile = {"email": email or f"user{index % 7}@example.org"}
+    body = {"data": {"type": "event", "attributes": {
+        "profile": {"data": {"type": "profile", "attributes": profile}},
+        "metric": {"data": {"type": "metric", "attributes": {"name": "Viewed Product"}}},
+        "properties": {"n": index}, "time": time, "unique_id": f"e-{index}"}}}
+    payload = json.dumps({"name": "product view", "id": f"e-{index}"}).encode()
+    return OutgoingCall(Envelope(payload), f"e-{index}", profile["email"],
+                        Call(CREATE_EVENT, body))
+
+
+def profile_call(index: int) -> OutgoingCall:
+    email = f"user{index}@example.org"
+    body = {"data": {"type": "profile", "attributes": {"email": email, "first_name": f"N{index}"}}}
+    return OutgoingCall(Envelope(b"{}"), f"p-{index}", email, Call(CREATE_OR_UPDATE_PROFILE, body))
+
+
+def settings(server: KlaviyoTestServer, **overrides: Any) -> SinkSettings:
+    values: dict[str, Any] = {
+        "api_key": ApiKeySource(literal=server.api_key), "base_url": server.url,
+        "batch_max_events": 50, "batch_max_delay_ms": 60_000, "shards": 2,
+        "rate_limit_scale": server.time_scale, "max_retry_seconds": 30}
+    return SinkSettings(**(values | overrides))
+
+
+_DEAD_LETTERS: list[dict[str, Any]] = []
+
+
+def _collect(record: Any) -> None:
+    """Module-level, so the runner (same process) unpickles it by reference to this list."""
+    _DEAD_LETTERS.append(record.to_json())
+
+
+def run_batch(calls: list[OutgoingCall], sink: SinkSettings) -> list[dict[str, Any]]:
+    """Run the sink on FnApiRunner; the dead letters as JSON."""
+    _DEAD_LETTERS.clear()
+    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
+        dead = pipeline | beam.Create(calls) | SendToKlaviyo(sink)
+        dead | beam.Map(_collect)
+    return list(_DEAD_LETTERS)
+
+
+def test_every_event_stored_once_in_bounded_batches(klaviyo_server: KlaviyoTestServer) -> None:
+    calls = [event_call(index) for index in range(230)]
+    dead = run_batch(calls, settings(klaviyo_server))
+    assert dead == []
+    assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(230))
+    sizes = [entry.events for entry in klaviyo_server.log if entry.route == BULK_EVENTS]
+    assert max(sizes) <= 50 and sum(sizes) == 230
+    # the batches left at the end of input are flushed by the window-end timer, not lost
+    assert any(size < 50 for size in sizes)
+
+
+def test_a_bad_entry_is_dead_lettered_and_the_rest_delivered(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    calls = [event_call(index) for index in range(20)]
+    calls[7] = event_call(7, time="1999-12-31T00:00:00.000Z")  # Klaviyo refuses this time
+    dead = run_batch(calls, settings(klaviyo_server))
+    assert [record["event_id"] for record in dead] == ["e-7"]
+    assert dead[0]["stage"] == "sink" and dead[0]["call"]["method"] == "create_event"
+    assert "e-7" not in klaviyo_server.stored_unique_ids()
+    assert len(klaviyo_server.stored_unique_ids()) == 19
+
+
+def test_faults_are_retried_without_duplicates(klaviyo_server: KlaviyoTestServer) -> None:
+    klaviyo_server.inject(BULK_EVENTS, Fault.error(503), Fault.drop_after_write(),
+                          Fault.error(500), Fault.throttle(1))
+    calls = [event_call(index) for index in range(120)]
+    assert run_batch(calls, settings(klaviyo_server)) == []
+    stored = klaviyo_server.stored_unique_ids()
+    assert sorted(stored) == sorted(f"e-{i}" for i in range(120))  # once each, despite resends
+    assert klaviyo_server.events_received > 120  # the dropped request really was resent
+
+
+def test_profiles_go_their_own_way_and_many_go_as_a_bulk_import(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    few = [profile_call(index) for index in range(3)]
+    assert run_batch(few, settings(klaviyo_server)) == []
+    assert klaviyo_server.statuses(PROFILE_IMPORT) and not klaviyo_server.statuses(BULK_EVENTS)
+    many = [profile_call(index) for index in range(10, 40)]
+    assert run_batch(many, settings(klaviyo_server, profile_bulk_threshold=5,
+                                    batch_max_events=100, shards=1)) == []
+    assert klaviyo_server.profile(email="user39@example.org")["first_name"] == "N39"
+    assert len(klaviyo_server.statuses(PROFILE_IMPORT)) == 3  # the 30 went as one import job
+
+
+def test_a_refused_key_stops_the_job(klaviyo_server: KlaviyoTestServer) -> None:
+    wrong = settings(klaviyo_server, api_key=ApiKeySource(literal="pk_wrong_key"))
+    with pytest.raises(Exception) as error:
+        run_batch([event_call(1)], wrong)
+    assert "KlaviyoConfigurationError" in repr(error.value) or isinstance(
+        error.value, KlaviyoConfigurationError)
+    assert "pk_wrong_key" not in str(error.value)
+
+
+def test_drain_flushes_a_partial_batch_in_streaming(klaviyo_server: KlaviyoTestServer) -> None:
+    """A streaming run whose buffers never fill: ending the input (what Dataflow's drain does
+    to the watermark) flushes them through the window-end timer."""
+    stream = EventStream()
+    for index in range(10):
+        stream.add_elements([event_call(index)], event_timestamp=Timestamp(index))
+    stream.advance_watermark_to(Timestamp(100))
+    stream.advance_watermark_to_infinity()
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(runner=BundleBasedDirectRunner(), options=options) as pipeline:
+        _ = pipeline | stream | SendToKlaviyo(settings(klaviyo_server))
+    assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(10))
+
+
+def test_shard_keys_are_stable_and_lane_separated() -> None:
+    assert shard_key(event_call(1, email="a@x.org"), 8) == shard_key(event_call(2, email="a@x.org"),
+                                                                      8)
+    assert shard_key(profile_call(1), 8).startswith("profiles/")
+    assert shard_key(event_call(1), 8).startswith("events/")
+
+
+def test_literal_keys_are_refused_on_dataflow() -> None:
+    literal = SinkSettings(ApiKeySource(literal="pk_x"))
+    assert literal_key_problem(literal, "DataflowRunner")
+    assert literal_key_problem(literal, "FnApiRunner") is None
+    secret = SinkSettings(ApiKeySource(secret_version="projects/p/secrets/k/versions/latest"))
+    assert literal_key_problem(secret, "DataflowRunner") is None
+    assert "pk_x" not in repr(literal)

@@ -1,0 +1,40 @@
+"""The dry-run sink: the calls that would be sent, as JSON Lines, instead of calling Klaviyo.
+
+One line per call, in no particular order:
+
+    {"event_id": "0002a1b2c3d4e5f6", "method": "create_or_update_profile", "body": {"data": …}}
+
+`body` is the request body on the wire (port.md §3), as `simulate` prints it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+
+from transforms.elements import OutgoingCall
+from transforms.json_lines import WriteJsonLines
+from transforms.metrics import counter
+
+
+def dry_run_record(outgoing: OutgoingCall) -> dict[str, Any]:
+    """The line written for one call, counted as `dry_run_calls`."""
+    counter("dry_run_calls").inc()
+    return {"event_id": outgoing.event_id, "method": outgoing.call.method,
+            "body": outgoing.call.body}
+
+
+class WriteDryRun(beam.PTransform):
+    """Outgoing calls → JSON Lines at `destination` (`-` for stdout, or a file path prefix)."""
+
+    def __init__(self, destination: str, *, streaming: bool) -> None:
+        super().__init__()
+        self.destination = destination
+        self.streaming = streaming
+
+    def expand(self, calls: beam.PCollection) -> beam.pvalue.PDone:
+        (calls
+         | "to_record" >> beam.Map(dry_run_record)
+         | "write" >> WriteJsonLines(self.destination, streaming=self.streaming))
+        return beam.pvalue.PDone(calls.pipeline)

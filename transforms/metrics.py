@@ -1,0 +1,36 @@
+"""The pipeline's Beam counters: one name per outcome, the same names as the stages.
+
+The names live here so that every stage counts under the same namespace and the summary of a
+local run (pipeline/run_job.py) can list them in a fixed order.
+"""
+
+from __future__ import annotations
+
+from apache_beam.metrics.metric import Metrics
+
+NAMESPACE = "walkeros_klaviyo"
+
+# (name, label) in the order the summary prints them.
+COUNTERS: tuple[tuple[str, str], ...] = (
+    ("events_in", "events in"),
+    ("invalid", "invalid events"),
+    ("ignored", "ignored by a rule"),
+    ("consent", "consent not granted"),
+    ("no_identifier", "no identifier"),
+    ("plan_warnings", "values coerced away (warnings)"),
+    ("events_planned", "events planned"),
+    ("profiles_planned", "profile upserts planned"),
+    ("profiles_unchanged", "profile upserts skipped: unchanged"),
+    ("profiles_out_of_order", "profile upserts skipped: older than newest"),
+    ("dry_run_calls", "calls written (dry run)"),
+)
+
+
+def counter(name: str) -> Metrics.DelegatingCounter:
+    """A counter of this pipeline; cheap to create, so DoFns may call it per element."""
+    return Metrics.counter(NAMESPACE, name)
+
+
+def dead_letter_counter_name(stage: str) -> str:
+    """`dead_letters_<stage>`: the metric name of the dead letters a stage produced."""
+    return f"dead_letters_{stage}"

@@ -1,0 +1,74 @@
+"""Stage `parse`: a Pub/Sub message or a line of text → a valid walkerOS event, or a dead letter.
+
+The message id and publish time are kept in the `Envelope`: the plan stage uses them as the
+fallback event id (port.md D4) and event time (D5).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+
+from transforms.dead_letters import DEAD_LETTERS, PARSE, dead_letter, unexpected
+from transforms.elements import Envelope, ParsedEvent
+from transforms.metrics import counter
+from transforms.walkeros.event import InvalidEvent, parse_event
+
+
+def _milliseconds(publish_time: Any) -> float | None:
+    """A Pub/Sub publish time in ms: client libraries give a datetime, Beam a Timestamp."""
+    if isinstance(publish_time, datetime.datetime):
+        return publish_time.timestamp() * 1000
+    if isinstance(publish_time, Timestamp):
+        return publish_time.micros / 1000
+    return None
+
+
+def envelope_of(element: PubsubMessage | bytes | str,
+                timestamp: Timestamp = MIN_TIMESTAMP) -> Envelope:
+    """The envelope of a Pub/Sub message (with attributes) or of one line of a file.
+
+    A message without a publish time (a source that does not fill it in) gets its element
+    timestamp, which a Pub/Sub source sets to the publish time."""
+    if isinstance(element, PubsubMessage):
+        published = _milliseconds(element.publish_time)
+        if published is None and timestamp > MIN_TIMESTAMP:
+            published = timestamp.micros / 1000
+        return Envelope(element.data or b"", dict(element.attributes or {}),
+                        element.message_id or None, published)
+    return Envelope(element.encode("utf-8", "surrogatepass") if isinstance(element, str)
+                    else element)
+
+
+class _ParseFn(beam.DoFn):
+    def process(self, element: PubsubMessage | bytes | str,
+                timestamp: Any = beam.DoFn.TimestampParam  # Any: see identify_state.py
+                ) -> Iterator[ParsedEvent | TaggedOutput]:
+        counter("events_in").inc()
+        envelope = envelope_of(element, timestamp)
+        try:
+            parsed = parse_event(envelope.payload)
+        except Exception as error:  # noqa: BLE001 - e.g. RecursionError on deep nesting
+            yield unexpected(PARSE, envelope, error)
+            return
+        if isinstance(parsed, InvalidEvent):
+            counter("invalid").inc()
+            yield dead_letter(envelope, PARSE, parsed.reason)
+        else:
+            yield ParsedEvent(envelope, parsed)
+
+
+class Parse(beam.PTransform):
+    """Messages → (events, dead letters)."""
+
+    def expand(self, messages: beam.PCollection
+               ) -> tuple[beam.PCollection, beam.PCollection]:
+        outputs = messages | "parse" >> beam.ParDo(_ParseFn()).with_outputs(
+            DEAD_LETTERS, main="events")
+        return outputs.events, outputs[DEAD_LETTERS]
