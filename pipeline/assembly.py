@@ -1,7 +1,7 @@
 """The job's graph, built from its settings:
 
-    read → plan_calls: parse → plan → identify_state → preflight → sink (the dry run for now)
-                       └──────── dead letters of every stage ───────→ dead_letters
+    read → plan_calls: parse → plan → identify_state → preflight → sink (Klaviyo, or the dry run)
+                       └──────────── dead letters of every stage ────────────→ dead_letters
 
 The transform labels are part of the job's identity on Dataflow (an update maps state by them),
 so they are fixed strings here and inside each stage.
@@ -16,13 +16,14 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import ReadFromPubSub
 
-from pipeline.options import JobSettings
+from pipeline.options import JobSettings, OptionsError
 from transforms.dead_letters import WriteDeadLetters
 from transforms.dry_run import WriteDryRun
 from transforms.identify_state import ApplyIdentifyState
 from transforms.parse import Parse
 from transforms.plan import Clock, Plan
 from transforms.preflight import Preflight
+from transforms.sink import SendToKlaviyo, SinkSettings, literal_key_problem
 from transforms.walkeros.config import ConfigError, LoadedConfig, load_config
 
 
@@ -66,12 +67,31 @@ def _read(pipeline: beam.Pipeline, settings: JobSettings) -> beam.PCollection:
     return pipeline | "read" >> beam.io.ReadFromText(settings.source)
 
 
-def build(pipeline: beam.Pipeline, settings: JobSettings, config: dict[str, Any]) -> None:
+def sink_settings(settings: JobSettings, config: dict[str, Any], runner: str) -> SinkSettings:
+    """The sink's settings; refuses a literal API key on Dataflow (it would be in the graph)."""
+    sink = settings.sink.settings(config.get("settings", {}).get("apiKey"))
+    problem = literal_key_problem(sink, runner)
+    if problem:
+        raise OptionsError(problem)
+    return sink
+
+
+def without_api_key(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the planning stages get it: no key (the sink reads it where it sends)."""
+    settings = {k: v for k, v in config.get("settings", {}).items() if k != "apiKey"}
+    return {**config, "settings": settings}
+
+
+def build(pipeline: beam.Pipeline, settings: JobSettings, config: dict[str, Any],
+          runner: str = "") -> None:
     """Add the whole job to `pipeline`."""
     calls, dead = _read(pipeline, settings) | "plan_calls" >> PlanCalls(
-        config, ttl_seconds=settings.identify_state_ttl_seconds)
-    assert settings.dry_run_output is not None, "job_settings refuses a run without a sink"
-    calls | "sink" >> WriteDryRun(settings.dry_run_output, streaming=settings.streaming)
+        without_api_key(config), ttl_seconds=settings.identify_state_ttl_seconds)
+    if settings.dry_run_output is not None:
+        calls | "sink" >> WriteDryRun(settings.dry_run_output, streaming=settings.streaming)
+    else:
+        sink_dead = calls | "sink" >> SendToKlaviyo(sink_settings(settings, config, runner))
+        dead = (dead, sink_dead) | "all_dead_letters" >> beam.Flatten()
     dead | "dead_letters" >> WriteDeadLetters(topic=settings.dead_letter_topic,
                                               path=settings.dead_letter_path,
                                               streaming=settings.streaming)

@@ -19,10 +19,14 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 
 from transforms.json_lines import STDOUT
+from transforms.klaviyo.api_key import ApiKeySource
+from transforms.klaviyo.rate_limit import Endpoint, Limit
+from transforms.sink import SinkSettings
 
 DEFAULT_TTL = "30d"
 _DURATION = re.compile(r"([0-9]+)([smhd]?)")
@@ -75,6 +79,51 @@ class KlaviyoOptions(PipelineOptions):
             "--identify_state_ttl", default=DEFAULT_TTL,
             help="forget a user's identify state this long after their newest event: "
                  "seconds, or a number with s, m, h or d (default 30d)")
+        # The Klaviyo sink (transforms/sink.py); the API key's precedence is in
+        # transforms/klaviyo/api_key.py.
+        parser.add_argument(
+            "--klaviyo_api_key_secret", default=None,
+            help="Secret Manager version holding the Klaviyo private API key, "
+                 "projects/P/secrets/S/versions/V (the way to run on Dataflow)")
+        parser.add_argument(
+            "--klaviyo_api_key", default=None,
+            help="the Klaviyo private API key itself, for local runs only (on Dataflow it "
+                 "would be stored in the job graph); KLAVIYO_API_KEY in the environment "
+                 "takes precedence")
+        parser.add_argument(
+            "--klaviyo_base_url", default=None,
+            help="base URL instead of https://a.klaviyo.com, for proxies and test servers")
+        parser.add_argument(
+            "--batch_max_events", type=int, default=1000,
+            help="events per bulk request at most (1-1000, default 1000)")
+        parser.add_argument(
+            "--batch_max_delay_ms", type=int, default=5000,
+            help="how long a call may wait in a batch before it is sent (default 5000)")
+        parser.add_argument(
+            "--sink_shards", type=int, default=4,
+            help="batching keys per lane (events, profiles); bounds the requests in flight "
+                 "(default 4)")
+        parser.add_argument(
+            "--rate_limit_scale", type=float, default=1.0,
+            help="multiply all of Klaviyo's published rate limits (raised account limits, or "
+                 "test servers whose clock runs faster; default 1)")
+        parser.add_argument(
+            "--rate_limits", default=None,
+            help="per-endpoint limits as burst/s:steady/min, e.g. "
+                 "bulk_events=10:150,profile_import=75:700 (endpoints: "
+                 f"{', '.join(endpoint.value for endpoint in Endpoint)})")
+        parser.add_argument(
+            "--klaviyo_workers", type=int, default=None,
+            help="divide the rate limits across this many workers (default: "
+                 "--max_num_workers, else 1)")
+        parser.add_argument(
+            "--max_retry_seconds", type=float, default=120.0,
+            help="retry a failing request for at most this long, then dead-letter it "
+                 "(default 120)")
+        parser.add_argument(
+            "--profile_bulk_threshold", type=int, default=100,
+            help="a batch with more profile upserts than this goes as one bulk import job "
+                 "(default 100)")
 
 
 def help_parser() -> argparse.ArgumentParser:
@@ -147,6 +196,78 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+def parse_rate_limits(text: str | None) -> dict[Endpoint, Limit]:
+    """`bulk_events=10:150,profile_import=75:700` → per-endpoint limits."""
+    limits: dict[Endpoint, Limit] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, value = item.partition("=")
+        burst, _, steady = value.partition(":")
+        try:
+            limits[Endpoint(name.strip())] = Limit(float(burst), float(steady))
+        except ValueError:
+            raise OptionsError(
+                f"--rate_limits: {item.strip()!r} is not ENDPOINT=BURST_PER_S:STEADY_PER_MIN "
+                f"with ENDPOINT one of {', '.join(e.value for e in Endpoint)}") from None
+    return limits
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    """The sink's options, checked; the API key is added from the config at assembly."""
+
+    api_key_secret: str | None
+    api_key: str | None
+    base_url: str
+    batch_max_events: int
+    batch_max_delay_ms: int
+    shards: int
+    rate_limit_scale: float
+    rate_limits: dict[Endpoint, Limit]
+    workers: int
+    max_retry_seconds: float
+    profile_bulk_threshold: int
+
+    def settings(self, config_api_key: Any) -> SinkSettings:
+        """The sink's settings, with the key's sources (never the key from a reference)."""
+        source = ApiKeySource.from_options(secret_version=self.api_key_secret,
+                                           option_key=self.api_key,
+                                           config_api_key=config_api_key)
+        return SinkSettings(
+            api_key=source, base_url=self.base_url, batch_max_events=self.batch_max_events,
+            batch_max_delay_ms=self.batch_max_delay_ms, shards=self.shards,
+            rate_limit_scale=self.rate_limit_scale, rate_limits=self.rate_limits,
+            workers=self.workers, max_retry_seconds=self.max_retry_seconds,
+            profile_bulk_threshold=self.profile_bulk_threshold)
+
+
+def _sink_options(ours: KlaviyoOptions, options: PipelineOptions, problems: list[str]
+                  ) -> SinkOptions:
+    if not 1 <= ours.batch_max_events <= 1000:
+        problems.append("--batch_max_events must be between 1 and 1000 (Klaviyo's bulk limit)")
+    for name in ("batch_max_delay_ms", "sink_shards", "profile_bulk_threshold"):
+        if getattr(ours, name) < 1:
+            problems.append(f"--{name} must be at least 1")
+    if ours.rate_limit_scale <= 0 or ours.max_retry_seconds <= 0:
+        problems.append("--rate_limit_scale and --max_retry_seconds must be positive")
+    try:
+        limits = parse_rate_limits(ours.rate_limits)
+    except OptionsError as error:
+        problems.append(str(error))
+        limits = {}
+    workers = ours.klaviyo_workers or options.view_as(WorkerOptions).max_num_workers or 1
+    if workers < 1:
+        problems.append("--klaviyo_workers must be at least 1")
+    return SinkOptions(
+        api_key_secret=ours.klaviyo_api_key_secret, api_key=ours.klaviyo_api_key,
+        base_url=ours.klaviyo_base_url or "", batch_max_events=ours.batch_max_events,
+        batch_max_delay_ms=ours.batch_max_delay_ms, shards=ours.sink_shards,
+        rate_limit_scale=ours.rate_limit_scale, rate_limits=limits, workers=max(1, workers),
+        max_retry_seconds=ours.max_retry_seconds,
+        profile_bulk_threshold=ours.profile_bulk_threshold)
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """The validated options, as the assembly uses them."""
@@ -160,6 +281,7 @@ class JobSettings:
     dry_run_output: str | None  # None: send to Klaviyo
     identify_state_ttl_seconds: int
     streaming: bool
+    sink: SinkOptions
 
 
 def job_settings(options: PipelineOptions) -> JobSettings:
@@ -179,9 +301,7 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         problems.append("--config is required (a flow.json or a destination config)")
     if not ours.dead_letter_topic and not ours.dead_letter_path:
         problems.append("dead letters need --dead_letter_topic or --dead_letter_path")
-    if ours.dry_run_output is None:
-        problems.append("sending to Klaviyo is not part of this build yet: add --dry_run "
-                        "(or --dry_run_output=PATH) to write the planned calls instead")
+    sink = _sink_options(ours, options, problems)
     try:
         ttl = parse_duration(ours.identify_state_ttl)
     except OptionsError as error:
@@ -193,7 +313,7 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         source_kind=kind, source=source, config=ours.config, destination=ours.destination,
         dead_letter_topic=ours.dead_letter_topic, dead_letter_path=ours.dead_letter_path,
         dry_run_output=ours.dry_run_output, identify_state_ttl_seconds=ttl,
-        streaming=kind != "files")
+        streaming=kind != "files", sink=sink)
 
 
 def pin_local_runner(options: PipelineOptions, *, streaming: bool) -> str:

@@ -76,7 +76,11 @@ def main(argv: list[str]) -> int:
 
     runner = pin_local_runner(options, streaming=settings.streaming)
     pipeline = beam.Pipeline(options=options)
-    build(pipeline, settings, loaded.config)
+    try:
+        build(pipeline, settings, loaded.config, runner)
+    except OptionsError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
     result = pipeline.run()
     if runner not in LOCAL_RUNNERS:
         print(f"{PROG}: submitted to {runner}", file=sys.stderr)

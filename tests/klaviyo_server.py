@@ -214,6 +214,11 @@ class KlaviyoTestServer:
         with self._lock:
             self._faults[route].extend(faults)
 
+    def clear_faults(self) -> None:
+        """Drop the faults still queued: the server behaves again."""
+        with self._lock:
+            self._faults.clear()
+
     def statuses(self, route: str) -> list[int | None]:
         with self._lock:
             return [entry.status for entry in self.log if entry.route == route]

@@ -82,8 +82,10 @@ def test_files_output(tmp_path: Path) -> None:
     (["--input", "x"], "--config is required"),
     (["--input", "x", "--streaming"], "--input reads files as a batch job"),
     (["--input", "x", "--config", CONFIG], "dead letters need"),
-    (["--input", "x", "--config", CONFIG, "--dead_letter_path", "d"],
-     "sending to Klaviyo is not part of this build yet"),
+    (["--input", "x", "--config", CONFIG, "--dead_letter_path", "d", "--batch_max_events",
+      "5000"], "--batch_max_events must be between 1 and 1000"),
+    (["--input", "x", "--config", CONFIG, "--dead_letter_path", "d", "--rate_limits",
+      "bulk=1:2"], "--rate_limits: 'bulk=1:2' is not"),
     (["--input", "x", "--config", CONFIG, "--dead_letter_path", "d", "--dry_run",
       "--identify_state_ttl", "soon"], "--identify_state_ttl=soon"),
 ])

@@ -166,3 +166,8 @@ def test_planned_bodies_are_accepted_by_the_sdk_models() -> None:
                 models[method].from_dict(body)
                 checked += 1
     assert checked > 10
+
+
+def test_deeply_nested_input_is_an_invalid_event() -> None:
+    result = plan({}, b"[" * 100_000)
+    assert result.skipped == INVALID_EVENT and "nested too deeply" in result.warnings[0]

@@ -23,6 +23,8 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("profiles_unchanged", "profile upserts skipped: unchanged"),
     ("profiles_out_of_order", "profile upserts skipped: older than newest"),
     ("dry_run_calls", "calls written (dry run)"),
+    ("events_delivered", "events delivered to Klaviyo"),
+    ("profiles_delivered", "profile upserts delivered to Klaviyo"),
 )
 
 

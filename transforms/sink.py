@@ -52,7 +52,7 @@ from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
 from transforms.klaviyo.sender import DeadLetter, KlaviyoSender
 from transforms.klaviyo.wire import CREATE_EVENT
-from transforms.metrics import NAMESPACE, counter, dead_letter_counter_name
+from transforms.metrics import NAMESPACE, counter
 
 EVENTS, PROFILES = "events", "profiles"
 
@@ -179,7 +179,6 @@ class _SendBatches(beam.DoFn):
         now_ms = self._clock() * 1000
         for outgoing, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, DeadLetter):
-                counter(dead_letter_counter_name(SINK)).inc()
                 yield DeadLetterRecord(SINK, outcome.reason, now_ms, outgoing.envelope,
                                        outgoing.event_id, outgoing.call)
             else:

@@ -53,6 +53,8 @@ def parse_event(raw: bytes | str | dict[str, Any]) -> dict[str, Any] | InvalidEv
                                     f"{error.msg}")
             except ValueError as error:
                 return InvalidEvent(str(error))
+            except RecursionError:
+                return InvalidEvent("invalid JSON: nested too deeply")
     problem = validate_event(event)
     return InvalidEvent(problem) if problem else event
 
