@@ -17,7 +17,7 @@ from pipeline.assembly import PlanCalls
 from pipeline.run_job import counter_totals
 from transforms.dead_letters import DeadLetterRecord
 from transforms.dry_run import dry_run_record
-from transforms.parse import envelope_of
+from transforms.parse import Parse, envelope_of
 from transforms.walkeros.config import load_config
 
 CONFIG = load_config({
@@ -53,7 +53,7 @@ def run(tmp_path_factory: pytest.TempPathFactory
         _message({"name": "product view", "id": "e-5", "consent": {"marketing": True}}, "m-5"),
         _message({"name": "page view", "id": "e-6", "user": USER,
                   "consent": {"marketing": True}}, "m-6"),
-        _message(b"[" * 100_000, "m-7"),  # too deep for Python's JSON parser
+        _message(b"[" * 100_000, "m-7"),  # too deep for a JSON parser: an invalid event
     ]
     out = tmp_path_factory.mktemp("stages")
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
@@ -95,16 +95,39 @@ def test_a_call_klaviyo_would_reject_is_a_dead_letter_the_rest_goes(run: Any) ->
     assert letter["publish_time"] == "2025-11-28T10:00:00.123Z"
 
 
-def test_unexpected_failure_is_a_dead_letter(run: Any) -> None:
+def test_input_too_deep_to_parse_is_a_dead_letter(run: Any) -> None:
     _, dead, _ = run
     [letter] = [d for d in dead if d["stage"] == "parse"]
     assert letter["message_id"] == "m-7"
-    assert letter["reason"].startswith("unexpected RecursionError")
+    assert letter["reason"] == "invalid JSON: nested too deeply"
+
+
+_UNEXPECTED: list[dict[str, Any]] = []
+
+
+def _keep_unexpected(record: DeadLetterRecord) -> None:
+    _UNEXPECTED.append(record.to_json())
+
+
+def test_unexpected_failure_is_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in a stage must not stall a stream: the message becomes a dead letter."""
+    def broken(payload: bytes) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("transforms.parse.parse_event", broken)  # same process: FnApiRunner
+    _UNEXPECTED.clear()
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
+        _, dead = pipeline | beam.Create([_message({"name": "a b"}, "m-9")]) | Parse()
+        dead | beam.Map(_keep_unexpected)
+    [letter] = _UNEXPECTED
+    assert letter["stage"] == "parse" and letter["message_id"] == "m-9"
+    assert letter["reason"].startswith("unexpected RuntimeError")
 
 
 def test_outcomes_are_counted(run: Any) -> None:
     _, _, counters = run
-    assert counters == {"events_in": 7, "consent": 1, "no_identifier": 1, "ignored": 1,
+    assert counters == {"events_in": 7, "invalid": 1, "consent": 1, "no_identifier": 1,
+                        "ignored": 1,
                         "events_planned": 3, "profiles_planned": 3, "dry_run_calls": 5}
 
 
