@@ -9,6 +9,7 @@ so they are fixed strings here and inside each stage.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from pipeline.options import JobSettings, OptionsError
 from transforms.dead_letters import WriteDeadLetters
 from transforms.dry_run import WriteDryRun
 from transforms.identify_state import ApplyIdentifyState
+from transforms.klaviyo.api_key import ENV_VAR
 from transforms.parse import Parse
 from transforms.plan import Clock, Plan
 from transforms.preflight import Preflight
@@ -73,6 +75,9 @@ def sink_settings(settings: JobSettings, config: dict[str, Any], runner: str) ->
     problem = literal_key_problem(sink, runner)
     if problem:
         raise OptionsError(problem)
+    if not sink.api_key.configured(os.environ):
+        raise OptionsError(f"no Klaviyo API key: give --klaviyo_api_key_secret, set {ENV_VAR}, "
+                           f"or set settings.apiKey in the config (or add --dry_run)")
     return sink
 
 

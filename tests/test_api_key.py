@@ -94,3 +94,18 @@ def test_the_graph_check_finds_a_literal_key(tmp_path: Path) -> None:
     is why such a key is refused on Dataflow)."""
     assert b"pk_literal_0123456789" in build_graph(tmp_path, "pk_literal_0123456789",
                                                    "FnApiRunner")
+
+
+def test_a_run_without_any_key_source_stops_at_launch(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.delenv("KLAVIYO_API_KEY", raising=False)
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"name": "a b"}\n', encoding="utf-8")
+    config = tmp_path / "config.json"
+    config.write_text("{}", encoding="utf-8")
+    assert main(["run", "--input", str(events), "--config", str(config),
+                 "--dead_letter_path", str(tmp_path / "dead")]) == 2
+    assert "no Klaviyo API key" in capsys.readouterr().err

@@ -53,6 +53,11 @@ class ApiKeySource:
         """True when the only source is a key written into options or the config."""
         return bool(self.literal) and not self.secret_version and self.config_reference is None
 
+    def configured(self, environ: Mapping[str, str]) -> bool:
+        """Whether any source is set up (checked at launch; the worker reads the key)."""
+        return bool(self.secret_version or self.literal or self.config_reference
+                    or environ.get(ENV_VAR))
+
     def resolve(self, environ: Mapping[str, str] | None = None) -> str:
         """The key; `KlaviyoConfigurationError` (without the key in it) when there is none."""
         environ = os.environ if environ is None else environ
