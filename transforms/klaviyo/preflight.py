@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 from openapi_client.models import ProfileUpsertQuery
 from pydantic import ValidationError
 
@@ -40,17 +41,21 @@ def _utf8_size(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
-def _common_problems(body: dict[str, Any], max_bytes: int) -> list[str]:
-    """Body size and string length limits.
+def _json_size(body: dict[str, Any]) -> int:
+    """Bytes of the body as compact UTF-8 JSON."""
+    try:
+        return len(orjson.dumps(body))  # fast; refuses lone surrogates and huge integers
+    except TypeError:
+        return _utf8_size(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
 
-    The ASCII-escaped JSON is never shorter than its UTF-8 form, so the exact count (and the
-    walk over every string) is needed only for bodies that are large to begin with.
-    """
-    escaped = len(json.dumps(body, separators=(",", ":")))
-    if escaped <= min(max_bytes, MAX_STRING_BYTES):
+
+def _common_problems(body: dict[str, Any], max_bytes: int) -> list[str]:
+    """Body size and string length limits; no string can be longer than a body that is
+    small enough, so the walk over every string is needed only for large bodies."""
+    size = _json_size(body)
+    if size <= min(max_bytes, MAX_STRING_BYTES):
         return []
     problems = []
-    size = _utf8_size(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
     if size > max_bytes:
         problems.append(f"body is {size} bytes, over Klaviyo's limit of {max_bytes}")
     longest = max((_utf8_size(text) for text in _strings(body)), default=0)
