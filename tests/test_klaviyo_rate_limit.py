@@ -74,9 +74,9 @@ def test_endpoints_are_limited_separately() -> None:
     rate_limiter = limiter(clock)
 
     grant_times(rate_limiter, clock, 10)
-    waited = rate_limiter.acquire(Endpoint.PROFILE_IMPORT)
+    granted_at = rate_limiter.acquire(Endpoint.PROFILE_IMPORT)
 
-    assert waited == 0.0
+    assert granted_at == 0.0
     assert clock.now == 0.0
 
 
@@ -115,31 +115,50 @@ def test_overrides_replace_the_published_limit() -> None:
     assert times == [0.0, 1.0, 2.0]
 
 
-def test_429_pauses_for_retry_after_and_halves_the_rate() -> None:
+def test_a_lone_429_pauses_for_retry_after_and_keeps_the_rate() -> None:
     clock = FakeClock()
     rate_limiter = limiter(clock)
+    granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
+    clock.sleep(1.5)
 
-    rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=3)
-    times = grant_times(rate_limiter, clock, 6)
+    rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=3, granted_at=granted_at)
+    times = grant_times(rate_limiter, clock, 11)
 
-    assert times[0] == 3.0
-    assert times[:5] == [3.0] * 5  # burst halved from 10 to 5
-    assert times[5] == 4.0
+    assert times[:10] == [4.5] * 10  # after the pause, the full burst
+    assert times[10] == 5.5
 
 
-def test_429s_in_a_row_keep_slowing_down_and_successes_win_the_rate_back() -> None:
+def test_429s_of_requests_in_flight_together_count_once() -> None:
     clock = FakeClock()
     rate_limiter = limiter(clock)
-    for _ in range(3):
-        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None)
+    in_flight = [rate_limiter.acquire(Endpoint.BULK_EVENTS) for _ in range(4)]  # four threads
+    clock.sleep(0.5)
 
+    for granted_at in in_flight:
+        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=2, granted_at=granted_at)
+    times = grant_times(rate_limiter, clock, 11)
+
+    assert times[:10] == [2.5] * 10  # one throttling, not four: the rate is whole
+    assert times[10] == 3.5
+
+
+def test_429s_that_keep_coming_slow_down_and_successes_win_the_rate_back() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock)
+    for _ in range(4):  # each request granted after the previous 429, all within a minute
+        granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
+        clock.sleep(0.5)
+        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None, granted_at=granted_at)
+        clock.sleep(0.5)
+
+    clock.sleep(60)
     slow = grant_times(rate_limiter, clock, 2)
     for _ in range(40):
         rate_limiter.succeeded(Endpoint.BULK_EVENTS)
     clock.sleep(60)
     fast = grant_times(rate_limiter, clock, 11)
 
-    assert slow[1] - slow[0] == 1.0  # 10 / 8 per second rounds down to 1
+    assert slow[1] - slow[0] == 1.0  # a lone 429, then three halvings: 10 / 8 per second is 1
     assert fast[9] == fast[0]
     assert fast[10] == fast[0] + 1.0
 

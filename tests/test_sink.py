@@ -14,24 +14,28 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.utils.timestamp import Timestamp
 
+from pipeline.run_job import counter_totals
 from tests.klaviyo_server import BULK_EVENTS, PROFILE_IMPORT, Fault, KlaviyoTestServer
+from transforms.dead_letters import SINK
 from transforms.elements import Envelope, OutgoingCall
 from transforms.klaviyo.api_key import ApiKeySource
 from transforms.klaviyo.errors import KlaviyoConfigurationError
 from transforms.klaviyo.plan import Call
 from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
+from transforms.metrics import dead_letter_reason_counter_name
 from transforms.sink import SendToKlaviyo, SinkSettings, literal_key_problem, shard_key
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 TIME = "2026-11-28T10:00:00.000Z"
 
 
-def event_call(index: int, *, email: str | None = None, time: str = TIME) -> OutgoingCall:
+def event_call(index: int, *, email: str | None = None, time: str = TIME,
+               **attributes: Any) -> OutgoingCall:
     profile = {"email": email or f"user{index % 7}@example.org"}
     body = {"data": {"type": "event", "attributes": {
         "profile": {"data": {"type": "profile", "attributes": profile}},
         "metric": {"data": {"type": "metric", "attributes": {"name": "Viewed Product"}}},
-        "properties": {"n": index}, "time": time, "unique_id": f"e-{index}"}}}
+        "properties": {"n": index}, "time": time, "unique_id": f"e-{index}", **attributes}}}
     payload = json.dumps({"name": "product view", "id": f"e-{index}"}).encode()
     return OutgoingCall(Envelope(payload), f"e-{index}", profile["email"],
                         Call(CREATE_EVENT, body))
@@ -59,13 +63,21 @@ def _collect(record: Any) -> None:
     _DEAD_LETTERS.append(record.to_json())
 
 
+def run_sink(calls: list[OutgoingCall], sink: SinkSettings
+             ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Run the sink on FnApiRunner; the dead letters as JSON, and the pipeline's counters."""
+    _DEAD_LETTERS.clear()
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    dead = pipeline | beam.Create(calls) | SendToKlaviyo(sink)
+    dead | beam.Map(_collect)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return list(_DEAD_LETTERS), counter_totals(result)
+
+
 def run_batch(calls: list[OutgoingCall], sink: SinkSettings) -> list[dict[str, Any]]:
     """Run the sink on FnApiRunner; the dead letters as JSON."""
-    _DEAD_LETTERS.clear()
-    with beam.Pipeline(runner=FnApiRunner()) as pipeline:
-        dead = pipeline | beam.Create(calls) | SendToKlaviyo(sink)
-        dead | beam.Map(_collect)
-    return list(_DEAD_LETTERS)
+    return run_sink(calls, sink)[0]
 
 
 def test_every_event_stored_once_in_bounded_batches(klaviyo_server: KlaviyoTestServer) -> None:
@@ -88,6 +100,27 @@ def test_a_bad_entry_is_dead_lettered_and_the_rest_delivered(
     assert dead[0]["stage"] == "sink" and dead[0]["call"]["method"] == "create_event"
     assert "e-7" not in klaviyo_server.stored_unique_ids()
     assert len(klaviyo_server.stored_unique_ids()) == 19
+
+
+def test_dead_letters_are_counted_by_reason(klaviyo_server: KlaviyoTestServer) -> None:
+    calls = [event_call(index) for index in range(6)]
+    calls[1] = event_call(1, time="1999-12-31T00:00:00.000Z")  # Klaviyo answers 400
+    calls[4] = event_call(4, value="a lot")  # the SDK refuses it before sending
+    dead, counters = run_sink(calls, settings(klaviyo_server))
+    assert sorted(record["event_id"] for record in dead) == ["e-1", "e-4"]
+    by_reason = {name: value for name, value in counters.items()
+                 if name.startswith("dead_letters_sink_")}
+    assert by_reason == {"dead_letters_sink_400": 1, "dead_letters_sink_invalid_request": 1}
+    assert counters["events_delivered"] == 4
+
+
+def test_reason_labels_make_tidy_metric_names() -> None:
+    names = {label: dead_letter_reason_counter_name(SINK, label)
+             for label in ("job_timeout", " Weird: Label/2 ", "-", "x" * 500)}
+    assert names == {"job_timeout": "dead_letters_sink_job_timeout",
+                     " Weird: Label/2 ": "dead_letters_sink_weird_label_2",
+                     "-": "dead_letters_sink_other",
+                     "x" * 500: "dead_letters_sink_" + "x" * 24}
 
 
 def test_faults_are_retried_without_duplicates(klaviyo_server: KlaviyoTestServer) -> None:
@@ -134,6 +167,35 @@ def test_drain_flushes_a_partial_batch_in_streaming(klaviyo_server: KlaviyoTestS
     with beam.Pipeline(runner=BundleBasedDirectRunner(), options=options) as pipeline:
         _ = pipeline | stream | SendToKlaviyo(settings(klaviyo_server))
     assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(10))
+
+
+def _test_stream_now() -> float:
+    """The sink's clock in TestStream runs: TestStream's processing time starts at 0 and moves
+    only with `advance_processing_time` (beam.md §1.4), so the delay timer is armed at
+    0 + batch_max_delay_ms and fires once the stream's clock has passed it."""
+    return 0.0
+
+
+def test_a_partial_batch_is_sent_after_the_delay(klaviyo_server: KlaviyoTestServer) -> None:
+    """The processing-time timer sends what is buffered once batch_max_delay_ms has passed,
+    long before the window ends, and not before."""
+    stream = EventStream()
+    stream.add_elements([event_call(index) for index in range(3)])
+    stream.advance_processing_time(4)  # 4 s < 5 s: nothing is due yet
+    stream.add_elements([event_call(3)])
+    stream.advance_processing_time(2)  # 6 s: the first batch is due
+    stream.add_elements([event_call(index) for index in range(4, 6)])
+    stream.advance_watermark_to(Timestamp(100))
+    stream.advance_watermark_to_infinity()
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    sink = settings(klaviyo_server, shards=1, batch_max_delay_ms=5000)
+    with beam.Pipeline(runner=BundleBasedDirectRunner(), options=options) as pipeline:
+        _ = pipeline | stream | SendToKlaviyo(sink, clock=_test_stream_now)
+    sizes = [entry.events for entry in klaviyo_server.log if entry.route == BULK_EVENTS]
+    assert sizes[0] == 4  # what was buffered when the delay ran out, not the 2 added after
+    assert sum(sizes) == 6
+    assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(6))
 
 
 def test_shard_keys_are_stable_and_lane_separated() -> None:

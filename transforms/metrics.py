@@ -6,9 +6,12 @@ local run (pipeline/run_job.py) can list them in a fixed order.
 
 from __future__ import annotations
 
+import re
+
 from apache_beam.metrics.metric import Metrics
 
 NAMESPACE = "walkeros_klaviyo"
+_REASON_LIMIT = 24  # characters of a reason label kept in a metric name
 
 # (name, label) in the order the summary prints them.
 COUNTERS: tuple[tuple[str, str], ...] = (
@@ -36,3 +39,14 @@ def counter(name: str) -> Metrics.DelegatingCounter:
 def dead_letter_counter_name(stage: str) -> str:
     """`dead_letters_<stage>`: the metric name of the dead letters a stage produced."""
     return f"dead_letters_{stage}"
+
+
+def dead_letter_reason_counter_name(stage: str, label: str) -> str:
+    """`dead_letters_<stage>_<label>`: a stage's dead letters by a short reason label.
+
+    Labels are meant to come from a small set (for the sink: an HTTP status or one of the few
+    causes errors.py names, such as `timeout` or `invalid_request`), never from free text. They
+    are still folded to `[a-z0-9_]` and clipped, so an odd one cannot make an odd metric name.
+    """
+    folded = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")[:_REASON_LIMIT]
+    return f"{dead_letter_counter_name(stage)}_{folded or 'other'}"

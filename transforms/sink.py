@@ -16,6 +16,8 @@
 - **Delivery** is transforms/klaviyo/sender.py: per-endpoint rate limits shared by the threads
   of a worker process, retries with backoff and a deadline, a bad entry of a bulk request
   dead-lettered and the rest resent. Many profile upserts at once go as a bulk import job.
+  Dead letters are also counted by reason, `dead_letters_sink_<label>` (an HTTP status or a cause
+  such as `timeout` or `invalid_request`), to tell a bad mapping from an outage at a glance.
   A refused API key (401, JSON 403) raises: the job stops with a configuration error instead of
   dead-lettering everything.
 """
@@ -52,7 +54,7 @@ from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
 from transforms.klaviyo.sender import DeadLetter, KlaviyoSender
 from transforms.klaviyo.wire import CREATE_EVENT
-from transforms.metrics import NAMESPACE, counter
+from transforms.metrics import NAMESPACE, counter, dead_letter_reason_counter_name
 
 EVENTS, PROFILES = "events", "profiles"
 
@@ -179,6 +181,7 @@ class _SendBatches(beam.DoFn):
         now_ms = self._clock() * 1000
         for outgoing, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, DeadLetter):
+                counter(dead_letter_reason_counter_name(SINK, outcome.failure.label)).inc()
                 yield DeadLetterRecord(SINK, outcome.reason, now_ms, outgoing.envelope,
                                        outgoing.event_id, outgoing.call)
             else:

@@ -15,9 +15,15 @@ Knobs:
 - `divide_by`: the number of processes (workers) sharing the account's quota; each process keeps
   to its share.
 
-While 429s keep coming (another client shares the account, or workers outnumber `divide_by`),
-the limiter halves its rate on every 429 and pauses the endpoint for Retry-After; each success
-wins back a little.
+Every 429 pauses the endpoint for Retry-After. A lone 429 is expected now and then even when
+every limit is kept: the limiter counts a request when it grants it, Klaviyo when it arrives, and
+the SDK's validation and serialization in between take from 0.1 s to over a second when threads
+compete for the CPU, so a fixed window of Klaviyo's can catch one request too many. Such a 429
+costs only the pause: that window was full anyway. When 429s keep coming (another client shares
+the account, or workers outnumber `divide_by`) the limiter also halves its rate, and each success
+wins back a little. "Keep coming" means a 429 for a request granted after an earlier 429 that is
+less than a steady window old. The 429s of requests that were in flight together count once:
+otherwise four threads meeting one full window would cut the rate to a sixteenth.
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class _EndpointLimiter:
         )
         self.factor = 1.0
         self.paused_until = -math.inf
+        self.throttled_at = -math.inf  # when the latest 429 came back
+        self.repeat_seconds = 60.0 / scale  # a 429 sooner than this after another one repeats it
 
 
 class RateLimiter:
@@ -123,9 +131,11 @@ class RateLimiter:
         self._sleep = sleep
 
     def acquire(self, endpoint: Endpoint) -> float:
-        """Wait until a request to `endpoint` may go out and count it; return the seconds waited."""
+        """Wait until a request to `endpoint` may go out and count it.
+
+        Returns the time it was granted at, on the limiter's clock: `throttled` needs it.
+        """
         state = self._endpoints[endpoint]
-        waited = 0.0
         while True:
             with state.lock:
                 now = self._clock()
@@ -136,17 +146,21 @@ class RateLimiter:
                 if wait <= 0:
                     for window in state.windows:
                         window.record(now)
-                    return waited
+                    return now
             self._sleep(wait)
-            waited += wait
 
-    def throttled(self, endpoint: Endpoint, retry_after: float | None) -> None:
-        """Klaviyo answered 429: slow this endpoint down and pause it for Retry-After."""
+    def throttled(self, endpoint: Endpoint, retry_after: float | None, granted_at: float) -> None:
+        """Klaviyo answered 429 to a request `acquire` granted at `granted_at`: pause the
+        endpoint for Retry-After, and slow it down if 429s keep coming (module docstring)."""
         state = self._endpoints[endpoint]
         with state.lock:
-            state.factor = max(_SLOWEST_FACTOR, state.factor / 2)
+            now = self._clock()
+            if granted_at > state.throttled_at:  # not one of the requests in flight with it
+                if now - state.throttled_at < state.repeat_seconds:
+                    state.factor = max(_SLOWEST_FACTOR, state.factor / 2)
+                state.throttled_at = now
             if retry_after is not None:
-                state.paused_until = max(state.paused_until, self._clock() + retry_after)
+                state.paused_until = max(state.paused_until, now + retry_after)
 
     def succeeded(self, endpoint: Endpoint) -> None:
         """A request got through: win back some of the rate given up after 429s."""

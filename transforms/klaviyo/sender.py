@@ -262,7 +262,7 @@ class KlaviyoSender:
         """
 
         def attempt() -> Response:
-            self._limiter.acquire(endpoint)
+            granted_at = self._limiter.acquire(endpoint)
             started = self._clock()
             try:
                 result = request()
@@ -270,7 +270,7 @@ class KlaviyoSender:
                 self._count_request(endpoint, exc.failure.label, started)
                 if exc.failure.status == 429:
                     self._metrics.count(f"{endpoint}_throttled")
-                    self._limiter.throttled(endpoint, exc.failure.retry_after)
+                    self._limiter.throttled(endpoint, exc.failure.retry_after, granted_at)
                 raise
             self._count_request(endpoint, str(result.status), started)
             self._limiter.succeeded(endpoint)
