@@ -66,18 +66,29 @@ def is_property(value: Any) -> bool:
     `null` anywhere inside makes the whole value invalid (walkerOS quirk §8.7).
     """
     kind = value.__class__
-    if kind is str or kind is bool or kind is int or value is UNDEFINED:
-        return True
-    if kind is float:
-        return not math.isnan(value)
     if kind is dict:
-        return all(is_property(item) for item in value.values())
-    if kind is list:
-        return all(is_property(item) for item in value)
-    if isinstance(value, bool | str | int):
+        items: Any = value.values()
+    elif kind is list:
+        items = value
+    else:
+        return _is_scalar_property(value)
+    for item in items:  # scalars inline: this runs on every mapped object
+        item_kind = item.__class__
+        if item_kind is str or item_kind is int or item_kind is bool:
+            continue
+        if item_kind is float:
+            if item != item:  # NaN
+                return False
+        elif not is_property(item):
+            return False
+    return True
+
+
+def _is_scalar_property(value: Any) -> bool:
+    if value is UNDEFINED or isinstance(value, bool | str):
         return True
-    if isinstance(value, float):
-        return not math.isnan(value)
+    if isinstance(value, int | float):
+        return not (isinstance(value, float) and math.isnan(value))
     if isinstance(value, list):
         return all(is_property(item) for item in value)
     if isinstance(value, dict):

@@ -69,7 +69,10 @@ def _walk(value: Any, keys: list[str], default: Any) -> Any:
             return [_walk(item, rest, default) for item in current]
         else:
             current = _child(current, key)
-        if current.__class__ is not dict and not truthy(current):
+        kind = current.__class__
+        if kind is dict or kind is list or (kind is str and current):
+            continue
+        if not truthy(current):
             break
     return default if current is UNDEFINED else current
 
@@ -256,7 +259,10 @@ def _empty_object(value: Any, event: Any, consent: Any) -> Any:
 
 def _finish(result: Any, static: Any) -> Any:
     """Step 10: the result if it is a valid property, else the static value (cast)."""
-    if result.__class__ in _SIMPLE or (result is not UNDEFINED and is_property(result)):
+    kind = result.__class__
+    if kind in _SIMPLE or (kind is float and result == result):  # not NaN
+        return result
+    if result is not UNDEFINED and is_property(result):
         return result
     return cast_to_property(static)
 
