@@ -25,7 +25,7 @@ from pipeline.options import (
     take_dry_run_flag,
     unknown_options,
 )
-from transforms.dead_letters import STAGES
+from transforms.dead_letters import SINK, STAGES
 from transforms.metrics import COUNTERS, NAMESPACE, dead_letter_counter_name
 from transforms.walkeros.config import ConfigError
 
@@ -47,6 +47,9 @@ def print_summary(totals: dict[str, int], out: TextIO) -> None:
     rows = [(label, totals.get(name, 0)) for name, label in COUNTERS]
     rows += [(f"dead letters: {stage}", totals.get(dead_letter_counter_name(stage), 0))
              for stage in STAGES]
+    by_reason = dead_letter_counter_name(SINK) + "_"
+    rows += [(f"  sink, {name.removeprefix(by_reason)}", value)
+             for name, value in sorted(totals.items()) if name.startswith(by_reason)]
     width = max(len(label) for label, _ in rows)
     print("summary", file=out)
     for label, value in rows:

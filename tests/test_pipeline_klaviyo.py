@@ -48,12 +48,15 @@ def test_the_example_is_delivered(klaviyo_server: KlaviyoTestServer, tmp_path: P
 
 
 def test_failed_deliveries_are_replayed_once_after_the_fix(
-        klaviyo_server: KlaviyoTestServer, tmp_path: Path) -> None:
+        klaviyo_server: KlaviyoTestServer, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     # Klaviyo's bulk endpoint is down for the whole first run: retries give up at the deadline.
     klaviyo_server.inject(BULK_EVENTS, *[Fault.error(503)] * 50)
     assert run(klaviyo_server, EVENTS, tmp_path / "dead", "--max_retry_seconds", "1") == 0
     sink_dead = [d for d in dead_letters(tmp_path / "dead") if d["stage"] == "sink"]
     assert sink_dead and not klaviyo_server.stored_unique_ids()
+    summary = capsys.readouterr().err.splitlines()
+    assert [line.split()[-1] for line in summary if "sink, 503" in line] == [str(len(sink_dead))]
 
     klaviyo_server.clear_faults()  # Klaviyo is back
     replay = tmp_path / "replay.jsonl"
