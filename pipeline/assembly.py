@@ -9,6 +9,7 @@ so they are fixed strings here and inside each stage.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from pipeline.options import JobSettings, OptionsError
 from transforms.dead_letters import WriteDeadLetters
 from transforms.dry_run import WriteDryRun
 from transforms.identify_state import ApplyIdentifyState
-from transforms.klaviyo.api_key import ENV_VAR
+from transforms.klaviyo.api_key import ENV_VAR, ApiKeySource
 from transforms.parse import Parse
 from transforms.plan import Clock, Plan
 from transforms.preflight import Preflight
@@ -71,7 +72,10 @@ def _read(pipeline: beam.Pipeline, settings: JobSettings) -> beam.PCollection:
 
 def sink_settings(settings: JobSettings, config: dict[str, Any], runner: str) -> SinkSettings:
     """The sink's settings; refuses a literal API key on Dataflow (it would be in the graph)."""
-    sink = settings.sink.settings(config.get("settings", {}).get("apiKey"))
+    options_key = settings.sink.api_key
+    sink = dataclasses.replace(settings.sink, api_key=ApiKeySource.from_options(
+        secret_version=options_key.secret_version, option_key=options_key.literal,
+        config_api_key=config.get("settings", {}).get("apiKey")))
     problem = literal_key_problem(sink, runner)
     if problem:
         raise OptionsError(problem)

@@ -16,7 +16,7 @@ from transforms.walkeros.config import ConfigError, load_config_file
 
 
 def _open_input(path: str) -> TextIO:
-    return sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    return sys.stdin if path == "-" else open(path, encoding="utf-8")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -89,14 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in _DELEGATED:
-        try:
-            return _DELEGATED[argv[0]](argv[1:])
-        except ConfigError as error:
-            print(f"walkeros-klaviyo: configuration error: {error}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] in _DELEGATED:
+            return _DELEGATED[argv[0]](argv[1:])
+        args = build_parser().parse_args(argv)
         return int(args.handler(args))
     except ConfigError as error:
         print(f"walkeros-klaviyo: configuration error: {error}", file=sys.stderr)
@@ -104,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"walkeros-klaviyo: {error}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

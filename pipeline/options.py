@@ -19,7 +19,6 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 
@@ -213,37 +212,8 @@ def parse_rate_limits(text: str | None) -> dict[Endpoint, Limit]:
     return limits
 
 
-@dataclass(frozen=True)
-class SinkOptions:
-    """The sink's options, checked; the API key is added from the config at assembly."""
-
-    api_key_secret: str | None
-    api_key: str | None
-    base_url: str
-    batch_max_events: int
-    batch_max_delay_ms: int
-    shards: int
-    rate_limit_scale: float
-    rate_limits: dict[Endpoint, Limit]
-    workers: int
-    max_retry_seconds: float
-    profile_bulk_threshold: int
-
-    def settings(self, config_api_key: Any) -> SinkSettings:
-        """The sink's settings, with the key's sources (never the key from a reference)."""
-        source = ApiKeySource.from_options(secret_version=self.api_key_secret,
-                                           option_key=self.api_key,
-                                           config_api_key=config_api_key)
-        return SinkSettings(
-            api_key=source, base_url=self.base_url, batch_max_events=self.batch_max_events,
-            batch_max_delay_ms=self.batch_max_delay_ms, shards=self.shards,
-            rate_limit_scale=self.rate_limit_scale, rate_limits=self.rate_limits,
-            workers=self.workers, max_retry_seconds=self.max_retry_seconds,
-            profile_bulk_threshold=self.profile_bulk_threshold)
-
-
-def _sink_options(ours: KlaviyoOptions, options: PipelineOptions, problems: list[str]
-                  ) -> SinkOptions:
+def _sink_settings(ours: KlaviyoOptions, options: PipelineOptions, problems: list[str]
+                   ) -> SinkSettings:
     if not 1 <= ours.batch_max_events <= 1000:
         problems.append("--batch_max_events must be between 1 and 1000 (Klaviyo's bulk limit)")
     for name in ("batch_max_delay_ms", "sink_shards", "profile_bulk_threshold"):
@@ -259,8 +229,9 @@ def _sink_options(ours: KlaviyoOptions, options: PipelineOptions, problems: list
     workers = ours.klaviyo_workers or options.view_as(WorkerOptions).max_num_workers or 1
     if workers < 1:
         problems.append("--klaviyo_workers must be at least 1")
-    return SinkOptions(
-        api_key_secret=ours.klaviyo_api_key_secret, api_key=ours.klaviyo_api_key,
+    return SinkSettings(
+        # The config's settings.apiKey joins these sources when the config is read (assembly).
+        api_key=ApiKeySource(ours.klaviyo_api_key_secret or None, ours.klaviyo_api_key or None),
         base_url=ours.klaviyo_base_url or "", batch_max_events=ours.batch_max_events,
         batch_max_delay_ms=ours.batch_max_delay_ms, shards=ours.sink_shards,
         rate_limit_scale=ours.rate_limit_scale, rate_limits=limits, workers=max(1, workers),
@@ -281,7 +252,7 @@ class JobSettings:
     dry_run_output: str | None  # None: send to Klaviyo
     identify_state_ttl_seconds: int
     streaming: bool
-    sink: SinkOptions
+    sink: SinkSettings  # its API key sources still lack the config's settings.apiKey
 
 
 def job_settings(options: PipelineOptions) -> JobSettings:
@@ -301,7 +272,7 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         problems.append("--config is required (a flow.json or a destination config)")
     if not ours.dead_letter_topic and not ours.dead_letter_path:
         problems.append("dead letters need --dead_letter_topic or --dead_letter_path")
-    sink = _sink_options(ours, options, problems)
+    sink = _sink_settings(ours, options, problems)
     try:
         ttl = parse_duration(ours.identify_state_ttl)
     except OptionsError as error:

@@ -144,7 +144,7 @@ def main(argv: Sequence[str]) -> int:
             publisher.publish(args.topic, replay.payload, **replay.attributes).result()
         close = None
     else:
-        handle = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+        handle = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
 
         def write(replay: Replay) -> None:
             handle.write(replay.payload.replace(b"\n", b" ") + b"\n")

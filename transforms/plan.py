@@ -56,9 +56,9 @@ class _PlanFn(beam.DoFn):
         assert self._planner is not None, "setup() runs before process()"
         envelope = parsed.envelope
         try:
-            plan = self._planner.plan(parsed.event, now_ms=self._clock() * 1000,
-                                      message_id=envelope.message_id,
-                                      publish_time_ms=envelope.publish_time_ms)
+            plan = self._planner.plan_event(parsed.event, now_ms=self._clock() * 1000,
+                                            message_id=envelope.message_id,
+                                            publish_time_ms=envelope.publish_time_ms)
         except Exception as error:  # noqa: BLE001 - see dead_letters.unexpected
             yield unexpected(PLAN, envelope, error)
             return

@@ -129,6 +129,18 @@ class Planner:
         parsed = parse_event(raw)
         if isinstance(parsed, InvalidEvent):
             return EventPlan(skipped=INVALID_EVENT, warnings=[parsed.reason])
+        return self.plan_event(parsed, now_ms=now_ms, message_id=message_id,
+                               publish_time_ms=publish_time_ms)
+
+    def plan_event(
+        self,
+        parsed: dict[str, Any],
+        *,
+        now_ms: float,
+        message_id: str | None = None,
+        publish_time_ms: float | None = None,
+    ) -> EventPlan:
+        """Plan an event that `parse_event` already accepted (the pipeline's parse stage)."""
         granted = granted_consent(self.mapping.config.get("consent"), {}, parsed.get("consent"))
         fallback_time = publish_time_ms if publish_time_ms is not None else now_ms
         view = destination_view(parsed, granted or {}, fallback_timestamp_ms=fallback_time,
