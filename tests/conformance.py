@@ -1,4 +1,9 @@
-"""Reading the shared conformance cases and comparing planned calls the way their README says."""
+"""Reading the conformance cases and comparing planned calls the way their README says.
+
+The cases live in `tests/conformance_data/` (a copy of the shared reference cases, so that a fresh
+clone tests itself); `WALKEROS_CONFORMANCE_DIR` points elsewhere, and `test_conformance_copy.py`
+checks the copy against `../shared/conformance/` when that folder is present.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 CONFORMANCE_DIR = Path(os.environ.get(
-    "WALKEROS_CONFORMANCE_DIR",
-    Path(__file__).resolve().parents[2] / "shared" / "conformance"))
+    "WALKEROS_CONFORMANCE_DIR", Path(__file__).resolve().parent / "conformance_data"))
+SHARED_CONFORMANCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 SETS = ("steps", "probes", "public")
 
 
