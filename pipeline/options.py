@@ -59,6 +59,11 @@ class KlaviyoOptions(PipelineOptions):
             help="file pattern of JSON Lines events, local or gs:// (batch: local runs, "
                  "backfills)")
         parser.add_argument(
+            "--input_id_attribute", default=None,
+            help="Pub/Sub attribute that holds a unique id set by the publisher: Dataflow "
+                 "drops messages that repeat an id (Beam's id_label); local runners cannot, "
+                 "so they refuse it")
+        parser.add_argument(
             "--config", default=None,
             help="walkerOS flow.json (v4) or a bare Klaviyo destination config, local or gs://")
         parser.add_argument(
@@ -253,6 +258,7 @@ class JobSettings:
     identify_state_ttl_seconds: int
     streaming: bool
     sink: SinkSettings  # its API key sources still lack the config's settings.apiKey
+    id_attribute: str | None = None  # Pub/Sub de-duplication attribute (Beam's id_label)
 
 
 def job_settings(options: PipelineOptions) -> JobSettings:
@@ -268,6 +274,9 @@ def job_settings(options: PipelineOptions) -> JobSettings:
     if ours.input and options.view_as(StandardOptions).streaming:
         problems.append("--input reads files as a batch job: drop --streaming, or read Pub/Sub "
                         "with --input_subscription or --input_topic")
+    if ours.input_id_attribute and not (ours.input_subscription or ours.input_topic):
+        problems.append("--input_id_attribute is for Pub/Sub input (--input_subscription or "
+                        "--input_topic)")
     if not ours.config:
         problems.append("--config is required (a flow.json or a destination config)")
     if not ours.dead_letter_topic and not ours.dead_letter_path:
@@ -284,7 +293,7 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         source_kind=kind, source=source, config=ours.config, destination=ours.destination,
         dead_letter_topic=ours.dead_letter_topic, dead_letter_path=ours.dead_letter_path,
         dry_run_output=ours.dry_run_output, identify_state_ttl_seconds=ttl,
-        streaming=kind != "files", sink=sink)
+        streaming=kind != "files", sink=sink, id_attribute=ours.input_id_attribute or None)
 
 
 def pin_local_runner(options: PipelineOptions, *, streaming: bool) -> str:

@@ -2,16 +2,25 @@
 
 port.md §3. No Beam and no network: the same planner and identify-state decision the pipeline
 uses, run in order over JSON lines, with the identify state carried across the lines of one run.
+
+The input is cut into lines exactly as the pipeline cuts files (`transforms.lines`): bytes split
+on `\n` or `\r\n` (a bare `\r` is not a separator), a leading UTF-8 BOM dropped, nothing
+decoded before the parse. So a line that is not UTF-8 is an `invalid_event` record, not a
+crash, and blank lines are skipped: one record per non-blank line. Output lines are written by
+`transforms.json_lines.to_json_line`, which escapes what UTF-8 cannot hold (a lone surrogate
+from a `"\ud800"` escape).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
+from transforms.json_lines import to_json_line
 from transforms.klaviyo.identify_state import IdentifyState, decide
 from transforms.klaviyo.plan import Call, EventPlan, Planner
+from transforms.lines import Readable, is_blank, split_lines
 
 
 class Simulation:
@@ -46,8 +55,15 @@ class Simulation:
                 "problems": plan.problems}
 
 
-def simulate(config: dict[str, Any], lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """One output record per input line, in order."""
+def simulate(config: dict[str, Any], source: Readable) -> Iterator[dict[str, Any]]:
+    """One output record per non-blank line of a binary input, in order."""
     simulation = Simulation(config)
-    for line in lines:
-        yield simulation.step(line)
+    for line in split_lines(source):
+        if not is_blank(line):
+            yield simulation.step(line)
+
+
+def write_simulation(config: dict[str, Any], source: Readable, out: TextIO) -> None:
+    """`walkeros-klaviyo simulate`: the records of `simulate` as JSON Lines on `out`."""
+    for record in simulate(config, source):
+        print(to_json_line(record), file=out)

@@ -26,7 +26,7 @@ def run(server: KlaviyoTestServer, events: str, dead: Path, *extra: str) -> int:
 
 
 def planned_unique_ids() -> list[str]:
-    with open(EVENTS, encoding="utf-8") as lines:
+    with open(EVENTS, "rb") as lines:
         records = simulate(load_config_file(CONFIG).config, lines)
         return sorted(body["data"]["attributes"]["unique_id"] for record in records
                       for method, body in record["calls"] if method == "create_event")

@@ -33,7 +33,7 @@ def _simulated_calls() -> Counter[tuple[Any, str, str]]:
     Each user of the example logs in twice with the same profile, so which of the two logins
     carries the upsert depends on arrival order; upserts are compared without their event id."""
     config = load_config_file(CONFIG).config
-    with open(EVENTS, encoding="utf-8") as lines:
+    with open(EVENTS, "rb") as lines:
         records = list(simulate(config, lines))
     return Counter((record["event_id"] if method == "create_event" else None, method,
                     canonical_json(body))

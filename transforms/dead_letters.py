@@ -9,18 +9,30 @@ filter by stage):
     {"stage": "parse", "reason": "invalid JSON at line 1 column 1: Expecting value",
      "time": "2026-11-28T12:00:00.000Z", "event_id": null, "message_id": "1234",
      "publish_time": "2026-11-28T11:59:59.870Z", "attributes": {"src": "web"},
-     "payload": "not json", "payload_encoding": "utf-8", "call": null}
+     "ordering_key": null, "payload": "not json", "payload_encoding": "utf-8", "call": null,
+     "truncated": null}
 
 `payload` is the original message text, or its base64 when it is not UTF-8
 (`"payload_encoding": "base64"`); `call` is the Klaviyo call (`{"method", "body"}`) that failed
-for the preflight and sink stages.
+for the preflight and sink stages; `ordering_key` is the Pub/Sub ordering key the message was
+published with (a replay publishes with it again).
+
+A record always fits where it goes: Pub/Sub refuses message data over 10,000,000 bytes (and a
+publish request over 10 MB), so a record is at most `MAX_RECORD_BYTES` of JSON, for files too
+(whatever is in them may be replayed to Pub/Sub). A bigger one is cut: first the call's body, then
+the payload, each replaced by its first bytes (the body as its JSON text in a string), and
+`truncated` names what was cut: `{"call": {…}, "payload": {"bytes": size, "sha256": hex digest,
+"kept_bytes": n, "reason": …}}`. A truncated payload cannot be replayed; its digest identifies
+the original.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +56,46 @@ PREFLIGHT = "preflight"
 SINK = "sink"
 STAGES = (PARSE, PLAN, IDENTIFY_STATE, PREFLIGHT, SINK)
 
+# 1 MB under Pub/Sub's 10,000,000-byte data limit: room for the `stage` attribute and the
+# publish request around the message.
+MAX_RECORD_BYTES = 9_000_000
+MAX_REASON_CHARS = 4_000
+
 log = logging.getLogger(__name__)
+
+
+def _size(record: dict[str, Any]) -> int:
+    return len(to_json_line(record).encode("utf-8"))
+
+
+def _text_prefix(raw: bytes, keep: int) -> str:
+    """The first `keep` bytes of UTF-8 text, without a character cut in half."""
+    return raw[:keep].decode("utf-8", "ignore")
+
+
+def _base64_prefix(raw: bytes, keep: int) -> str:
+    return base64.b64encode(raw[:keep]).decode("ascii")
+
+
+def _cut(record: dict[str, Any], field: str, raw: bytes, prefix: Callable[[bytes, int], str],
+         limit: int) -> dict[str, Any]:
+    """`record` with `field` (`payload`, or `call` for its body) holding as much of `raw` as
+    fits in `limit`, and the cut described under `truncated`."""
+    size = original = _size(record)
+    keep = len(raw)
+    cut = dict(record)
+    while size > limit and keep > 0:
+        keep = max(0, keep - (size - limit) - 64)  # escaping only makes the cut go faster
+        if field == "call":
+            cut["call"] = {**record["call"], "body": prefix(raw, keep)}
+        else:
+            cut["payload"] = prefix(raw, keep)
+        cut["truncated"] = {**(record["truncated"] or {}), field: {
+            "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "kept_bytes": keep,
+            "reason": f"the dead letter was {original} bytes of JSON, over the "
+                      f"{limit}-byte limit that keeps it within Pub/Sub's 10 MB messages"}}
+        size = _size(cut)
+    return cut
 
 
 @dataclass(frozen=True)
@@ -58,27 +109,40 @@ class DeadLetterRecord:
     event_id: Any = None
     call: Call | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """The record as written (module docstring)."""
+    def to_json(self, limit: int = MAX_RECORD_BYTES) -> dict[str, Any]:
+        """The record as written, within `limit` bytes of JSON (module docstring)."""
         envelope = self.envelope
+        prefix: Callable[[bytes, int], str]
         try:
-            payload, encoding = envelope.payload.decode("utf-8"), "utf-8"
+            payload, encoding, prefix = envelope.payload.decode("utf-8"), "utf-8", _text_prefix
         except UnicodeDecodeError:
-            payload, encoding = base64.b64encode(envelope.payload).decode("ascii"), "base64"
+            payload, encoding, prefix = _base64_prefix(envelope.payload, len(envelope.payload)), \
+                "base64", _base64_prefix
         publish_time = envelope.publish_time_ms
-        return {
+        reason = self.reason
+        if len(reason) > MAX_REASON_CHARS:
+            reason = f"{reason[:MAX_REASON_CHARS]}… ({len(reason)} characters)"
+        record = {
             "stage": self.stage,
-            "reason": self.reason,
+            "reason": reason,
             "time": iso_time(self.time_ms),
             "event_id": self.event_id,
             "message_id": envelope.message_id,
             "publish_time": None if publish_time is None else iso_time(publish_time),
             "attributes": envelope.attributes,
+            "ordering_key": envelope.ordering_key,
             "payload": payload,
             "payload_encoding": encoding,
             "call": None if self.call is None else {"method": self.call.method,
                                                      "body": self.call.body},
+            "truncated": None,
         }
+        if _size(record) <= limit:
+            return record
+        if self.call is not None:
+            body = to_json_line(self.call.body).encode("utf-8")
+            record = _cut(record, "call", body, _text_prefix, limit)
+        return _cut(record, "payload", envelope.payload, prefix, limit)
 
     def to_pubsub(self) -> PubsubMessage:
         return PubsubMessage(to_json_line(self.to_json()).encode("utf-8"), {"stage": self.stage})
@@ -107,13 +171,15 @@ def _count(record: DeadLetterRecord) -> DeadLetterRecord:
 class WriteDeadLetters(beam.PTransform):
     """Counts dead letters by stage and writes them to a Pub/Sub topic and/or files."""
 
-    def __init__(self, *, topic: str | None, path: str | None, streaming: bool) -> None:
+    def __init__(self, *, topic: str | None, path: str | None, streaming: bool,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         if not topic and not path:
             raise ValueError("dead letters need a topic or a path")
         self.topic = topic
         self.path = path
         self.streaming = streaming
+        self.clock = clock  # stamps streaming file lines (transforms/json_lines.py)
 
     def expand(self, records: beam.PCollection) -> beam.pvalue.PDone:
         counted = records | "count" >> beam.Map(_count)
@@ -124,5 +190,5 @@ class WriteDeadLetters(beam.PTransform):
         if self.path:
             (counted
              | "to_json" >> beam.Map(DeadLetterRecord.to_json)
-             | "write" >> WriteJsonLines(self.path, streaming=self.streaming))
+             | "write" >> WriteJsonLines(self.path, streaming=self.streaming, clock=self.clock))
         return beam.pvalue.PDone(records.pipeline)

@@ -9,6 +9,8 @@ One line per call, in no particular order:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
@@ -28,13 +30,16 @@ def dry_run_record(outgoing: OutgoingCall) -> dict[str, Any]:
 class WriteDryRun(beam.PTransform):
     """Outgoing calls → JSON Lines at `destination` (`-` for stdout, or a file path prefix)."""
 
-    def __init__(self, destination: str, *, streaming: bool) -> None:
+    def __init__(self, destination: str, *, streaming: bool,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.destination = destination
         self.streaming = streaming
+        self.clock = clock  # stamps streaming file lines (transforms/json_lines.py)
 
     def expand(self, calls: beam.PCollection) -> beam.pvalue.PDone:
         (calls
          | "to_record" >> beam.Map(dry_run_record)
-         | "write" >> WriteJsonLines(self.destination, streaming=self.streaming))
+         | "write" >> WriteJsonLines(self.destination, streaming=self.streaming,
+                                     clock=self.clock))
         return beam.pvalue.PDone(calls.pipeline)

@@ -20,6 +20,7 @@ class Envelope:
     attributes: dict[str, str] = field(default_factory=dict)
     message_id: str | None = None  # the fallback event id (port.md D4)
     publish_time_ms: float | None = None  # the fallback event time (port.md D5)
+    ordering_key: str | None = None  # kept for the dead letters, so a replay can set it again
 
 
 @dataclass(frozen=True)

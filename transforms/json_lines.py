@@ -2,20 +2,26 @@
 
 Used by the dry-run output and the dead-letter files. A bounded run writes plain sharded files
 (`PREFIX-00000-of-00001.jsonl`). An unbounded run cannot finalise a file at the end of input, so
-it writes one set of files per fixed window of element time (for Pub/Sub, the publish time):
+it writes one set of files per fixed window of the time each line was *written*:
 `PREFIX-<window start>-<window end>-00000-of-00001.jsonl`, written once the watermark passes the
-end of the window.
+end of the window. Written, not published: the element time of a message from a backlog (its
+publish time) is already behind the watermark, so its window would be closed and its lines
+dropped as late, left in the `.temp*` folder that the window's files are staged in. Each line is
+therefore stamped with the current time (never earlier than its own) before it is windowed.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Timestamp
 
 STDOUT = "-"
 WINDOW_SECONDS = 60
@@ -38,13 +44,29 @@ def _print_line(line: str) -> None:
     print(line, flush=True)
 
 
-class WriteJsonLines(beam.PTransform):
-    """JSON values → `destination`: `-` for stdout, else a file path prefix (local or gs://)."""
+class _StampNow(beam.DoFn):
+    """Element time := now, or the element's own time when that is later (module docstring)."""
 
-    def __init__(self, destination: str, *, streaming: bool) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+
+    def process(self, line: str,
+                timestamp: Any = beam.DoFn.TimestampParam,  # Any: see identify_state.py
+                ) -> Iterator[window.TimestampedValue]:
+        yield window.TimestampedValue(line, max(Timestamp.of(self.clock()), timestamp))
+
+
+class WriteJsonLines(beam.PTransform):
+    """JSON values → `destination`: `-` for stdout, else a file path prefix (local or gs://).
+
+    `clock` (seconds) stamps the lines of a streaming run; tests pass their own."""
+
+    def __init__(self, destination: str, *, streaming: bool,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.destination = destination
         self.streaming = streaming
+        self.clock = clock
 
     def expand(self, values: beam.PCollection) -> beam.PCollection:
         lines = values | "to_json" >> beam.Map(to_json_line)
@@ -54,6 +76,7 @@ class WriteJsonLines(beam.PTransform):
             return lines | "write" >> beam.io.WriteToText(self.destination, file_name_suffix=SUFFIX)
         directory, prefix = FileSystems.split(self.destination)
         return (lines
+                | "stamp" >> beam.ParDo(_StampNow(self.clock))
                 | "window" >> beam.WindowInto(window.FixedWindows(WINDOW_SECONDS))
                 | "write" >> fileio.WriteToFiles(
                     path=directory or ".",

@@ -15,6 +15,7 @@ _REASON_LIMIT = 24  # characters of a reason label kept in a metric name
 
 # (name, label) in the order the summary prints them.
 COUNTERS: tuple[tuple[str, str], ...] = (
+    ("blank_lines", "blank lines skipped (files)"),
     ("events_in", "events in"),
     ("invalid", "invalid events"),
     ("ignored", "ignored by a rule"),

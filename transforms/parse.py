@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
+import orjson
 from apache_beam.io.gcp.pubsub import PubsubMessage
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
@@ -41,9 +42,26 @@ def envelope_of(element: PubsubMessage | bytes | str,
         if published is None and timestamp > MIN_TIMESTAMP:
             published = timestamp.micros / 1000
         return Envelope(element.data or b"", dict(element.attributes or {}),
-                        element.message_id or None, published)
+                        element.message_id or None, published,
+                        element.ordering_key or None)
     return Envelope(element.encode("utf-8", "surrogatepass") if isinstance(element, str)
                     else element)
+
+
+MAPPED_PAYLOAD_HINT = ("the message looks like a mapped payload, not a walkerOS event; publish "
+                       "whole events (see README 'Publishing from walkerOS')")
+
+
+def with_hint(payload: bytes, reason: str) -> str:
+    """`reason`, plus a hint when the payload is a JSON object without a `name`: what a
+    walkerOS Pub/Sub destination publishes when a mapping's `data` replaces the event."""
+    try:
+        decoded = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return reason
+    if isinstance(decoded, dict) and "name" not in decoded:
+        return f"{reason}: {MAPPED_PAYLOAD_HINT}"
+    return reason
 
 
 class _ParseFn(beam.DoFn):
@@ -59,7 +77,7 @@ class _ParseFn(beam.DoFn):
             return
         if isinstance(parsed, InvalidEvent):
             counter("invalid").inc()
-            yield dead_letter(envelope, PARSE, parsed.reason)
+            yield dead_letter(envelope, PARSE, with_hint(envelope.payload, parsed.reason))
         else:
             yield ParsedEvent(envelope, parsed)
 

@@ -1,0 +1,49 @@
+"""How a JSON Lines input file is cut into lines: one rule for the pipeline and for `simulate`.
+
+Lines are bytes, never decoded here: a line that is not UTF-8 reaches the parse stage as it is
+and becomes a dead letter with its bytes kept (base64), instead of failing the whole file.
+
+- A line ends at `\\n`; a `\\r` just before it is part of the separator (`\\r\\n`). A bare `\\r`
+  is not a separator (JSON Lines, like Beam's ReadFromText, knows only `\\n` and `\\r\\n`): it stays
+  in the line, where JSON reads it as white space between tokens.
+- A UTF-8 byte order mark at the very start of a file is dropped (editors on Windows write one;
+  JSON parsers refuse it). Anywhere else it is content.
+- The last line needs no `\\n`.
+- A blank line (nothing but JSON white space: space, tab, `\\r`) is no event: it is skipped and
+  counted (`blank_lines`), not a dead letter.
+- Escapes such as `"\\ud800"` (a lone surrogate) are JSON's business: they parse, and the output
+  writers escape what UTF-8 cannot encode (`transforms.json_lines.to_json_line`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+BOM = b"\xef\xbb\xbf"
+_WHITE_SPACE = b" \t\r\n"
+
+
+class Readable(Protocol):
+    """What a line source needs: a binary file, stdin's buffer, or a Beam filesystem handle."""
+
+    def readline(self) -> bytes: ...
+
+
+def split_lines(handle: Readable) -> Iterator[bytes]:
+    """The lines of a binary file, without their separators, blank ones included (module
+    docstring)."""
+    first = True
+    for raw in iter(handle.readline, b""):
+        line = raw[:-1] if raw.endswith(b"\n") else raw
+        if line.endswith(b"\r") and raw.endswith(b"\n"):
+            line = line[:-1]
+        if first:
+            first = False
+            line = line.removeprefix(BOM)
+        yield line
+
+
+def is_blank(line: bytes) -> bool:
+    """True for a line that holds no event (only JSON white space)."""
+    return not line.strip(_WHITE_SPACE)
