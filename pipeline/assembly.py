@@ -79,9 +79,13 @@ def _read(pipeline: beam.Pipeline, settings: JobSettings, runner: str) -> beam.P
             raise OptionsError(f"--input_id_attribute needs Dataflow: the local runner {runner} "
                                f"cannot de-duplicate Pub/Sub messages by attribute")
         lift_emulator_receive_limit()
-    source = {settings.source_kind: settings.source}
-    return pipeline | "read" >> ReadFromPubSub(**source, id_label=settings.id_attribute,
-                                               with_attributes=True)
+    try:
+        read = ReadFromPubSub(**{settings.source_kind: settings.source},
+                              id_label=settings.id_attribute, with_attributes=True)
+    except ValueError as error:  # a malformed resource name
+        raise OptionsError(f"--input_{settings.source_kind} {settings.source}: {error}"
+                           ) from None
+    return pipeline | "read" >> read
 
 
 def sink_settings(settings: JobSettings, config: dict[str, Any], runner: str) -> SinkSettings:

@@ -87,6 +87,15 @@ def _lines(stream: IO[str]) -> queue.Queue[str]:
     return lines
 
 
+def start_job(emulator: str, log: Path, *args: str) -> subprocess.Popen[str]:
+    """`python -m pipeline ARGS` against the emulator, in its own session (see `_stop`), with
+    its stdout piped and its log in `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT, env={**os.environ, "PUBSUB_EMULATOR_HOST": emulator},
+        stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True, start_new_session=True)
+
+
 def _event(**fields: Any) -> bytes:
     return json.dumps({"consent": {"marketing": True}, **fields}).encode("utf-8")
 
@@ -111,13 +120,10 @@ def test_pubsub_to_dry_run_and_dead_letter_topic(
     published = {data: publisher.publish(topics["events"], data, src="test").result()
                  for data in [*valid, no_id, b"{not json", b"\xff\xfe"]}
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "--input_subscription", subscriptions["events"],
-         "--config", str(ROOT / "examples" / "flow.json"), "--dry_run",
-         "--dead_letter_topic", topics["dead"]],
-        cwd=ROOT, env={**os.environ, "PUBSUB_EMULATOR_HOST": emulator},
-        stdout=subprocess.PIPE, stderr=open(tmp_path / "job.log", "wb"), text=True,
-        start_new_session=True)
+    process = start_job(emulator, tmp_path / "job.log",
+                        "--input_subscription", subscriptions["events"],
+                        "--config", str(ROOT / "examples" / "flow.json"), "--dry_run",
+                        "--dead_letter_topic", topics["dead"])
     try:
         deadline = time.monotonic() + DEADLINE_S
         output = _lines(process.stdout)  # type: ignore[arg-type]

@@ -188,7 +188,7 @@ class WriteDeadLetters(beam.PTransform):
              | "to_pubsub" >> beam.Map(DeadLetterRecord.to_pubsub)
              | "publish" >> WriteToPubSub(self.topic, with_attributes=True))
         if self.path:
-            (counted
-             | "to_json" >> beam.Map(DeadLetterRecord.to_json)
-             | "write" >> WriteJsonLines(self.path, streaming=self.streaming, clock=self.clock))
+            counted | "write" >> WriteJsonLines(self.path, streaming=self.streaming,
+                                                to_value=DeadLetterRecord.to_json,
+                                                clock=self.clock)
         return beam.pvalue.PDone(records.pipeline)

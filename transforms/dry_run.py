@@ -38,8 +38,6 @@ class WriteDryRun(beam.PTransform):
         self.clock = clock  # stamps streaming file lines (transforms/json_lines.py)
 
     def expand(self, calls: beam.PCollection) -> beam.pvalue.PDone:
-        (calls
-         | "to_record" >> beam.Map(dry_run_record)
-         | "write" >> WriteJsonLines(self.destination, streaming=self.streaming,
-                                     clock=self.clock))
+        calls | "write" >> WriteJsonLines(self.destination, streaming=self.streaming,
+                                          to_value=dry_run_record, clock=self.clock)
         return beam.pvalue.PDone(calls.pipeline)
