@@ -3,6 +3,8 @@ payloads, and `--input_id_attribute` (Beam's id_label) on Dataflow and on a loca
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import queue
 import time
@@ -42,7 +44,8 @@ def test_a_message_over_4_mb_is_pulled_and_its_dead_letter_keeps_the_ordering_ke
     emulator: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path  # noqa: F811
 ) -> None:
     """The walkerOS GCP destination with a `data` mapping and an `orderingKey`: a 5.2 MB mapped
-    payload (over gRPC's 4 MB default, under Pub/Sub's 10 MB) and a whole event."""
+    payload (over gRPC's 4 MB default, under Pub/Sub's 10 MB), a whole event, and a 7.6 MB
+    message that is not UTF-8, whose base64 alone would not fit in a Pub/Sub message."""
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator)
     publisher = pubsub_v1.PublisherClient(
         publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
@@ -59,6 +62,8 @@ def test_a_message_over_4_mb_is_pulled_and_its_dead_letter_keeps_the_ordering_ke
     big_id = publisher.publish(topics["events"], mapped, ordering_key="usr-789",
                                entity="order").result()
     publisher.publish(topics["events"], whole, ordering_key="u-1").result()
+    huge = b"\xff" + b"x" * 7_600_000
+    huge_id = publisher.publish(topics["events"], huge).result()
 
     process = start_job(emulator, tmp_path / "job.log",
                         "--input_subscription", subscriptions["events"], "--config", CONFIG,
@@ -71,7 +76,7 @@ def test_a_message_over_4_mb_is_pulled_and_its_dead_letter_keeps_the_ordering_ke
         except queue.Empty:
             pytest.fail(f"no call before the deadline:\n{(tmp_path / 'job.log').read_text()}")
         letters: list[Any] = []
-        while not letters and time.monotonic() < deadline:
+        while len(letters) < 2 and time.monotonic() < deadline:
             assert process.poll() is None, (tmp_path / "job.log").read_text()
             response = subscriber.pull(subscription=subscriptions["dead"], max_messages=10,
                                        timeout=10)
@@ -80,9 +85,13 @@ def test_a_message_over_4_mb_is_pulled_and_its_dead_letter_keeps_the_ordering_ke
         _stop(process)
 
     assert call["event_id"] == "e-1"
-    [letter] = letters
-    record = json.loads(letter.data)
-    assert record["message_id"] == big_id and record["payload"] == mapped.decode()
+    records = {record["message_id"]: record for record in
+               (json.loads(letter.data) for letter in letters)}
+    cut = records[huge_id]["truncated"]["payload"]
+    assert cut["bytes"] == len(huge) and cut["sha256"] == hashlib.sha256(huge).hexdigest()
+    assert huge.startswith(base64.b64decode(records[huge_id]["payload"]))
+    record = records[big_id]
+    assert record["payload"] == mapped.decode()
     assert record["ordering_key"] == "usr-789" and record["attributes"] == {"entity": "order"}
     assert record["truncated"] is None
     assert record["reason"] == ("name must be a non-empty string 'entity action', got missing: "
