@@ -179,11 +179,9 @@ class Planner:
             profile.get("phone_number")
 
         raw_rule = rule.rule if rule is not None else {}
+        # Rule settings hold no nulls: `rule.settings.x ?? settings.x` (CompiledRule).
         rule_settings = rule.settings if rule is not None else {}
-        raw_settings = raw_rule.get("settings") or {}
-        # rule.settings.identify ?? settings.identify: a null rule value falls back too.
-        identify = rule_settings["identify"] if raw_settings.get("identify") is not None \
-            else self.identify
+        identify = rule_settings.get("identify", self.identify)
         if identify is not None:
             resolved = identify(event, event, None)
             if isinstance(resolved, dict):

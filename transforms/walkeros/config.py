@@ -35,8 +35,7 @@ _RUNTIME_CONFIG_KEYS = frozenset({"id", "init", "queue", "queueMax", "dlqMax", "
                                   "breaker", "disabled", "mock", "require", "env", "logger",
                                   "before", "next", "cache", "state", "setup", "credentials",
                                   "loadScript", "primary"})
-_INCLUDE_SECTIONS = frozenset({"data", "globals", "context", "user", "source", "event", "all",
-                               "version"})
+_INCLUDE_SECTIONS = frozenset({"data", "globals", "context", "user", "source", "event", "all"})
 _VAR = re.compile(r"\$var\.([A-Za-z0-9_]+)((?:\.[A-Za-z0-9_\-]+)*)")
 _ENV = re.compile(r"\$env\.([A-Za-z_][A-Za-z0-9_]*)(?::([^\"}\s]*))?")
 _SECRET = re.compile(r"\$secret\.([A-Z0-9_]+)")

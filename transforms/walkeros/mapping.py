@@ -52,9 +52,9 @@ def _child(value: Any, key: str) -> Any:
 def get_by_path(value: Any, path: str, default: Any = UNDEFINED) -> Any:
     """Dotted-path lookup with `*` wildcards over lists (walkerOS `getByPath`).
 
-    A falsy intermediate stops the walk and is returned as is (so a path ending on `null` gives
-    `null`); only an undefined result falls back to `default`. A `*` on a list maps the rest of the
-    path over its elements, filling missing entries with `default`.
+    A segment on a primitive (`0`, `false`, `""`, `null`, …) or a missing segment is undefined,
+    and undefined falls back to `default`; a path that ends on `null` gives `null`. A `*` on a
+    list maps the rest of the path over its elements, filling missing entries with `default`.
     """
     return _walk(value, path.split("."), default)
 
@@ -68,11 +68,8 @@ def _walk(value: Any, keys: list[str], default: Any) -> Any:
             rest = keys[index + 1 :] or [""]  # a trailing `*` looks up "" in each element
             return [_walk(item, rest, default) for item in current]
         else:
-            current = _child(current, key)
-        kind = current.__class__
-        if kind is dict or kind is list or (kind is str and current):
-            continue
-        if not truthy(current):
+            current = _child(current, key)  # undefined on a primitive, as in JavaScript
+        if current is UNDEFINED:
             break
     return default if current is UNDEFINED else current
 
@@ -390,7 +387,7 @@ def find_rule(event: dict[str, Any], rules: Any) -> tuple[dict[str, Any] | None,
 
 
 def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
-    fields = ("entity", "action", "id", "timestamp", "name", "trigger", "group", "count", "timing")
+    fields = ("entity", "action", "id", "timestamp", "name", "trigger", "timing")
     return {name: event.get(name, UNDEFINED) for name in fields}
 
 
@@ -400,7 +397,6 @@ _SECTIONS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "context": lambda event: event.get("context"),
     "user": lambda event: event.get("user"),
     "source": lambda event: event.get("source"),
-    "version": lambda event: event.get("version"),
     "event": _event_fields,
 }
 
@@ -418,7 +414,9 @@ def _flatten(prefix: str, value: dict[str, Any], out: dict[str, Any]) -> None:
 def flatten_include(event: dict[str, Any], sections: list[str]) -> dict[str, Any]:
     """walkerOS `include`: event sections flattened to `section_key[_subkey…]` properties (§3.5).
 
-    Plain objects recurse, lists stay whole, context tuples become their label.
+    Plain objects recurse, lists stay whole, context tuples become their label (element 0, so
+    an empty entry is undefined and left out). The sections are walkerOS 4.4.0's (event model
+    v4: no `version` section, no `group` or `count` in `event`).
     """
     out: dict[str, Any] = {}
     chosen = list(_SECTIONS) if "all" in sections else sections
@@ -428,7 +426,8 @@ def flatten_include(event: dict[str, Any], sections: list[str]) -> dict[str, Any
         if not isinstance(bag, dict):
             continue
         if section == "context":
-            bag = {k: v[0] if isinstance(v, list) and v else v for k, v in bag.items()}
+            bag = {k: (v[0] if v else UNDEFINED) if isinstance(v, list) else v
+                   for k, v in bag.items()}
         _flatten(section, bag, out)
     return out
 
@@ -468,7 +467,8 @@ def _apply_policy(event: dict[str, Any], policy: list[tuple[str, Resolver]]) -> 
 @dataclass
 class CompiledRule:
     """A mapping rule with its Values compiled; `settings` holds the destination's rule
-    settings compiled too (present keys only, `null` included)."""
+    settings compiled too, only those set to something other than `null`: walkerOS reads a rule
+    setting as `rule.settings.x ?? settings.x`, so a `null` one falls back like a missing one."""
 
     rule: dict[str, Any]
     policy: list[tuple[str, Resolver]]
@@ -481,7 +481,8 @@ class CompiledRule:
         settings = rule.get("settings")
         return cls(rule, _compile_policy(rule.get("policy")),
                    compile_value(data) if truthy(data) else None,
-                   {name: compile_value(value) for name, value in settings.items()}
+                   {name: compile_value(value) for name, value in settings.items()
+                    if value is not None}
                    if isinstance(settings, dict) else {})
 
 
