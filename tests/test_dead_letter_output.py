@@ -83,6 +83,19 @@ def test_big_payload_is_cut_with_its_size_and_digest(payload: bytes) -> None:
     assert payload.startswith(kept) and 0 < len(kept) <= cut["kept_bytes"]
 
 
+def test_huge_event_id_is_cut_last() -> None:
+    """Every field of an event can be any length, its id too; here the id alone is too big."""
+    huge_id = "i" * 9_500_000
+    payload = json.dumps({"name": "order complete", "id": huge_id}).encode()
+    record = DeadLetterRecord("preflight", "refused", T0 * 1000.0, Envelope(payload), huge_id,
+                              Call("create_event", {"unique_id": huge_id}))
+    written = record.to_json()
+    assert _published_size(record) <= 10_000_000
+    assert set(written["truncated"]) == {"call", "payload", "event_id"}
+    assert written["truncated"]["event_id"]["bytes"] == len(huge_id)
+    assert huge_id.startswith(written["event_id"])
+
+
 def test_long_reason_is_capped() -> None:
     written = _record(b"{}", reason="r" * 50_000).to_json()
     assert len(written["reason"]) < 4_100 and written["reason"].endswith("(50000 characters)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from collections import Counter
@@ -99,6 +100,21 @@ def test_run_reads_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     planned = Counter(record["event_id"] for record in simulated
                       for method, _ in record["calls"] if method == "create_event")
     assert Counter(c["event_id"] for c in calls if c["method"] == "create_event") == planned
+
+
+def test_compressed_and_several_files(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Compression is known by the extension, as with Beam's ReadFromText; a pattern reads
+    every file it matches."""
+    with gzip.open(tmp_path / "a.jsonl.gz", "wb") as handle:
+        handle.write(FILE)
+    (tmp_path / "b.jsonl").write_bytes(_event("plain") + b"\n")
+    code = cli_main(["run", "--input", str(tmp_path / "*.jsonl*"), "--config", CONFIG,
+                     "--dry_run", "--dead_letter_path", str(tmp_path / "out" / "dead")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert _summary_value(err, "events in") == 8
+    assert {json.loads(line)["event_id"] for line in out.splitlines()} >= {"bom", "plain"}
 
 
 def test_input_that_matches_nothing_is_one_line(tmp_path: Path,

@@ -20,10 +20,10 @@ published with (a replay publishes with it again).
 A record always fits where it goes: Pub/Sub refuses message data over 10,000,000 bytes (and a
 publish request over 10 MB), so a record is at most `MAX_RECORD_BYTES` of JSON, for files too
 (whatever is in them may be replayed to Pub/Sub). A bigger one is cut: first the call's body, then
-the payload, each replaced by its first bytes (the body as its JSON text in a string), and
-`truncated` names what was cut: `{"call": {…}, "payload": {"bytes": size, "sha256": hex digest,
-"kept_bytes": n, "reason": …}}`. A truncated payload cannot be replayed; its digest identifies
-the original.
+the payload, then an event id that is a string, each replaced by its first bytes (the body as its
+JSON text in a string), and `truncated` names what was cut: `{"call": {…}, "payload":
+{"bytes": size, "sha256": hex digest, "kept_bytes": n, "reason": …}}`. A truncated payload cannot
+be replayed; its digest identifies the original.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def _base64_prefix(raw: bytes, keep: int) -> str:
 
 def _cut(record: dict[str, Any], field: str, raw: bytes, prefix: Callable[[bytes, int], str],
          limit: int) -> dict[str, Any]:
-    """`record` with `field` (`payload`, or `call` for its body) holding as much of `raw` as
-    fits in `limit`, and the cut described under `truncated`."""
+    """`record` with `field` (`payload`, `event_id`, or `call` for its body) holding as much of
+    `raw` as fits in `limit`, and the cut described under `truncated`."""
     size = original = _size(record)
     keep = len(raw)
     cut = dict(record)
@@ -89,7 +89,7 @@ def _cut(record: dict[str, Any], field: str, raw: bytes, prefix: Callable[[bytes
         if field == "call":
             cut["call"] = {**record["call"], "body": prefix(raw, keep)}
         else:
-            cut["payload"] = prefix(raw, keep)
+            cut[field] = prefix(raw, keep)
         cut["truncated"] = {**(record["truncated"] or {}), field: {
             "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "kept_bytes": keep,
             "reason": f"the dead letter was {original} bytes of JSON, over the "
@@ -142,7 +142,11 @@ class DeadLetterRecord:
         if self.call is not None:
             body = to_json_line(self.call.body).encode("utf-8")
             record = _cut(record, "call", body, _text_prefix, limit)
-        return _cut(record, "payload", envelope.payload, prefix, limit)
+        record = _cut(record, "payload", envelope.payload, prefix, limit)
+        if isinstance(self.event_id, str):  # an event's own id can be any length
+            record = _cut(record, "event_id", self.event_id.encode("utf-8", "surrogatepass"),
+                          _text_prefix, limit)
+        return record
 
     def to_pubsub(self) -> PubsubMessage:
         return PubsubMessage(to_json_line(self.to_json()).encode("utf-8"), {"stage": self.stage})
