@@ -228,3 +228,21 @@ def test_a_null_step_config_is_an_empty_config() -> None:
         "package": "@walkeros/server-destination-klaviyo", "config": None}}}}}
     loaded = load_config(flow)
     assert loaded.config == load_config({}).config and loaded.warnings == []
+
+
+def test_a_null_consent_state_is_not_required() -> None:
+    """getGrantedConsent reads `required[name]` for truthiness: null is false."""
+    with_null = {"consent": {"marketing": True, "analytics": None}}
+    assert load_config(with_null).config["consent"] == with_null["consent"]
+    event = {**EVENT, "consent": {"marketing": True}}
+    steps = [Simulation(load_config(config).config).step(event, now_ms=1764400000000)
+             for config in (with_null, {"consent": {"marketing": True, "analytics": False}})]
+    assert steps[0] == steps[1] and steps[0]["skipped"] is None
+
+
+def test_a_null_destination_chosen_by_id_is_a_config_error() -> None:
+    """The collector's registerDestination destructures the step (`const {code, config} = def`),
+    which throws on null."""
+    flow = {"version": 4, "flows": {"default": {"destinations": {"klaviyo": None}}}}
+    with pytest.raises(ConfigError, match=r"flows\.default\.destinations\.klaviyo: null"):
+        load_config(flow, destination="klaviyo")

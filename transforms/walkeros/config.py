@@ -199,8 +199,8 @@ class _Validator:
         for every event. A null *key* of a value config is absent: walkerOS destructures the
         keys and tests each for truthiness (`if (key)`, `if (loop)`, …)."""
         if value is None:
-            raise ConfigError(f"{where}: null is not a mapping value (walkerOS fails on it for "
-                              f"every event); remove it")
+            raise ConfigError(f"{where}: null is not a mapping value (walkerOS throws on it for "
+                              f"every event, so it never gives a value); remove it")
         if isinstance(value, str) and value.startswith("$py:"):
             raise ConfigError(f"{where}: \"$py:\" callables belong in fn, condition or validate")
         if isinstance(value, list):
@@ -236,7 +236,9 @@ class _Validator:
         return checked
 
     def consent(self, value: Any, where: str) -> None:
-        if not isinstance(value, dict) or not all(isinstance(v, bool) for v in value.values()):
+        """`{name: bool}`; a null state is false, as getGrantedConsent tests `required[name]`."""
+        if not isinstance(value, dict) or not all(v is None or isinstance(v, bool)
+                                                  for v in value.values()):
             raise ConfigError(f"{where}: must be an object of booleans like {{\"marketing\": "
                               f"true}}")
 
@@ -404,6 +406,9 @@ def _find_destination(flows: dict[str, Any], wanted: str | None) -> tuple[str, s
             is_klaviyo = isinstance(package, str) and (
                 package == KLAVIYO_PACKAGE or package.startswith(KLAVIYO_PACKAGE + "@"))
             if wanted is None and is_klaviyo or wanted in (step_id, f"{flow_name}.{step_id}"):
+                if not isinstance(step, dict):  # the collector destructures it, and throws
+                    raise ConfigError(f"flows.{flow_name}.destinations.{step_id}: "
+                                      f"{json.dumps(step):.80} is not a destination step object")
                 found.append((flow_name, step_id, step))
     if not found:
         what = repr(wanted) if wanted else f"with package {KLAVIYO_PACKAGE}"
