@@ -88,7 +88,8 @@ def test_a_null_rule_identify_falls_back_to_the_destination() -> None:
 #   core/src/consent.ts       getGrantedConsent
 #   klaviyo/src/config.ts     getConfig;   klaviyo/src/push.ts   push
 # Where walkerOS tests a position with `??`, `?.` or truthiness, `null` is the same as absent.
-# Where it hands the `null` to code that throws on it, the loader refuses the config instead.
+# Where it hands the `null` to code that throws on it inside a mapping value, the loader refuses
+# the config instead (a deliberate, louder difference: walkerOS would drop that value silently).
 
 BASE: dict[str, Any] = {
     "include": ["globals"],
@@ -147,6 +148,11 @@ RULE = ("mapping", "order", "complete")
     (*RULE, "condition"),  # getMappingEvent: `if (!rule.condition) return true`
     (*RULE, "settings", "identify"),  # push.ts: `mappingSettings.identify ?? settings.identify`
     (*RULE, "settings", "uniqueId"),  # push.ts: `mappingSettings.uniqueId ?? settings.uniqueId`
+    # push.ts resolves a null `identify` / rule `value` (`!== undefined`), but getMappingValue's
+    # tryCatch turns processMappingValue's throw on null into undefined (walkeros.md §2.5): the
+    # push goes on with no identify and no value, exactly as when they are absent.
+    ("settings", "identify"),
+    (*RULE, "settings", "value"),
     ("settings", "email"),        # config.ts: `settings.email ?? 'user.email'`
     ("settings", "externalId"),   # config.ts: `settings.externalId ?? 'user.id'`
     ("settings", "uniqueId"),     # config.ts: `settings.uniqueId ?? 'id'`
@@ -207,10 +213,7 @@ def test_a_null_destination_consent_denies_every_event() -> None:
     ({"mapping": {"order": {"complete": [None, {"name": "x"}]}}}, "mapping.order.complete[0]"),
     # processEventMapping: `deleteByPath(data, path)` splits a null path: the push fails.
     ({"mapping": {"order": {"complete": {"remove": [None]}}}}, "mapping.order.complete.remove[0]"),
-    # A null mapping item: processMappingValue's `Object.keys(null)` throws on every event.
-    ({"settings": {"identify": None}}, "settings.identify"),
-    ({"mapping": {"order": {"complete": {"settings": {"value": None}}}}},
-     "mapping.order.complete.settings.value"),
+    # A null mapping item inside a value: processMappingValue's `Object.keys(null)` throws.
     ({"policy": {"data.id": None}}, "policy.data.id"),
     ({"data": [None, "data.id"]}, "data[0]"),
     ({"data": {"set": [None]}}, "data.set[0]"),

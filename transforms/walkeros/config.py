@@ -14,9 +14,10 @@ callable is named instead with `"$py:package.module:function"` as the value of `
 the field with `??`, `?.` or truthiness (config `settings`, `mapping`, `data`, `policy`,
 `include`; a rule, its `settings`, `data`, `policy`, `include`, `remove`, `name`, `ignore`,
 `silent`, `consent`, `condition`; the keys of a mapping value; most settings). Where walkerOS
-hands the `null` to code that throws on it (a mapping item, a rule in a rule list, a `remove`
-path), the config is refused, naming the path. A `null` destination `consent` denies every event,
-as in walkerOS (with a warning).
+hands the `null` to code that throws on it (a mapping item inside a value, a rule in a rule list,
+a `remove` path), the config is refused, naming the path; a null `settings.identify` or rule
+`settings.value` is off, as the push's caught error leaves it in walkerOS. A `null` destination
+`consent` denies every event, as in walkerOS (with a warning).
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ _VALUE_KEYS = frozenset({"key", "value", "map", "loop", "set", "consent"}) | _CA
 _SETTINGS = frozenset({"apiKey", "email", "externalId", "phoneNumber", "identify", "currency",
                        "uniqueId"})
 _RULE_SETTINGS = frozenset({"identify", "value", "uniqueId"})
-# Rule settings the Klaviyo push reads as `rule.settings.x ?? settings.x`: a null one falls back.
-_FALLBACK_RULE_SETTINGS = frozenset({"identify", "uniqueId"})
 _RULE_KEYS = frozenset({"name", "data", "settings", "condition", "consent", "ignore", "silent",
                         "policy", "include", "remove", "batch", "extend"})
 _USED_CONFIG_KEYS = frozenset({"settings", "mapping", "data", "policy", "include", "consent"})
@@ -306,14 +305,14 @@ class _Validator:
         return checked
 
     def rule_settings(self, settings: Any, where: str) -> dict[str, Any]:
-        """`identify` and `uniqueId` are read as `rule ?? destination`, so null falls back;
-        `value` is handed to the mapping engine as it is, so null is a mapping-item error."""
+        """A null rule setting is absent: `identify` and `uniqueId` are read as
+        `rule ?? destination`, and a null `value` resolves to undefined in walkerOS (its
+        getMappingValue catches the throw on null), so no value is sent."""
         if not isinstance(settings, dict):
             raise ConfigError(f"{where}: must be an object")
         for key in sorted(set(settings) - _RULE_SETTINGS):
             self.warnings.append(f"{where}.{key}: unknown rule setting is ignored")
-        return {key: item if key not in _RULE_SETTINGS or
-                (item is None and key in _FALLBACK_RULE_SETTINGS)
+        return {key: item if key not in _RULE_SETTINGS or item is None
                 else self.value(item, f"{where}.{key}") for key, item in settings.items()}
 
     def rules(self, rules: Any, where: str) -> dict[str, Any]:
@@ -339,8 +338,8 @@ class _Validator:
 
     def settings(self, settings: Any, where: str) -> dict[str, Any]:
         """Destination settings; null ones take the default (`settings.x ?? default`) or are
-        off (`if (settings.x)`), except `identify`, which walkerOS resolves when it is not
-        undefined: a null one is a mapping-item error."""
+        off (`if (settings.x)`); a null `identify` resolves to undefined in walkerOS (its
+        getMappingValue catches the throw on null), so it is off too."""
         if settings is None:  # the Klaviyo destination's getConfig: `settings || {}`
             return {}
         if not isinstance(settings, dict):
@@ -349,7 +348,7 @@ class _Validator:
         for key in sorted(set(settings) - _SETTINGS):
             self.warnings.append(f"{where}.{key}: unknown setting is ignored")
         for key in ("email", "externalId", "phoneNumber", "identify", "uniqueId"):
-            if key in settings and (settings[key] is not None or key == "identify"):
+            if settings.get(key) is not None:
                 checked[key] = self.value(settings[key], f"{where}.{key}")
         currency = settings.get("currency")
         if currency is not None and not isinstance(currency, str):
