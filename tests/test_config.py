@@ -92,7 +92,7 @@ def test_python_callables_by_import_path() -> None:
 @pytest.mark.parametrize(("config", "message"), [
     ({"mapping": {"a": {"b": {"ignore": "yes"}}}}, "mapping.a.b.ignore: must be true or false"),
     ({"mapping": {"a": {"b": {"name": 5}}}}, "mapping.a.b.name: must be a string"),
-    ({"mapping": {"a": {"b": None}}}, "mapping.a.b: a rule must be an object"),
+    ({"mapping": {"a": {"b": 5}}}, "mapping.a.b: a rule must be an object"),
     ({"mapping": {"a": {"b": {"data": {"loop": ["nested"]}}}}}, "loop: must be [scope"),
     ({"data": {"map": {"x": None}}}, "data.map.x: null is not a mapping value"),
     ({"consent": {"marketing": "yes"}}, "consent: must be an object of booleans"),

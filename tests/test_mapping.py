@@ -188,7 +188,7 @@ def test_granted_consent_merges_and_uses_or_semantics() -> None:
     assert granted_consent({"a": True, "b": True}, {}, {"b": True}) == {"b": True}
     assert granted_consent({"marketing": True}, {}, {"marketing": False}) is None
     assert granted_consent({"marketing": False}, {}, {"marketing": True}) is None
-    assert granted_consent(None, {}, {"x": 1}) == {"x": True}
+    assert granted_consent(UNDEFINED, {}, {"x": 1}) == {"x": True}
 
 
 def test_value_consent_denied_returns_the_raw_static() -> None:

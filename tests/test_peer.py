@@ -226,7 +226,8 @@ def run_destination(case: dict[str, Any]) -> Any:
     `ignore`), and the event and data it receives."""
     event, config = decode(case["event"]), decode(case["config"])
     plan = Planner(config).plan_event(copy.deepcopy(event), now_ms=NOW_MS)
-    granted = engine.granted_consent(config.get("consent"), {}, event.get("consent")) or {}
+    required = config.get("consent", UNDEFINED)
+    granted = engine.granted_consent(required, {}, event.get("consent")) or {}
     result = _mapped(destination_view(event, granted, fallback_timestamp_ms=NOW_MS), config)
     result["pushed"] = plan.skipped not in (CONSENT, IGNORED)
     result["skipped"] = plan.skipped

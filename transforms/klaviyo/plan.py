@@ -141,7 +141,8 @@ class Planner:
         publish_time_ms: float | None = None,
     ) -> EventPlan:
         """Plan an event that `parse_event` already accepted (the pipeline's parse stage)."""
-        granted = granted_consent(self.mapping.config.get("consent"), {}, parsed.get("consent"))
+        granted = granted_consent(self.mapping.config.get("consent", UNDEFINED), {},
+                                  parsed.get("consent"))
         fallback_time = publish_time_ms if publish_time_ms is not None else now_ms
         view = destination_view(parsed, granted or {}, fallback_timestamp_ms=fallback_time,
                                 message_id=message_id)

@@ -9,6 +9,15 @@ where the key is used, so a key never lands in a job graph; `simulate` never nee
 walkerOS writes callbacks as `"$code:<javascript>"`; that is refused (port.md D7). A Python
 callable is named instead with `"$py:package.module:function"` as the value of `fn`,
 `condition` or `validate`.
+
+`null` is read as walkerOS 4.4.0 reads it, position by position: as absent wherever walkerOS tests
+the field with `??`, `?.` or truthiness (config `settings`, `mapping`, `data`, `policy`,
+`include`; a rule, its `settings`, `data`, `policy`, `include`, `remove`, `name`, `ignore`,
+`silent`, `consent`, `condition`; the keys of a mapping value; most settings). Where walkerOS
+hands the `null` to code that throws on it (a mapping item inside a value, a rule in a rule list,
+a `remove` path), the config is refused, naming the path; a null `settings.identify` or rule
+`settings.value` is off, as the push's caught error leaves it in walkerOS. A `null` destination
+`consent` denies every event, as in walkerOS (with a warning).
 """
 
 from __future__ import annotations
@@ -183,9 +192,14 @@ class _Validator:
                           f"{value!r:.80}")
 
     def value(self, value: Any, where: str) -> Any:
-        """A mapping Value (walkeros.md §2.2), with callbacks imported."""
+        """A mapping Value (walkeros.md §2.2), with callbacks imported.
+
+        A null item is refused: walkerOS's processMappingValue throws on it (`Object.keys(null)`)
+        for every event. A null *key* of a value config is absent: walkerOS destructures the
+        keys and tests each for truthiness (`if (key)`, `if (loop)`, …)."""
         if value is None:
-            raise ConfigError(f"{where}: null is not a mapping value")
+            raise ConfigError(f"{where}: null is not a mapping value (walkerOS throws on it for "
+                              f"every event, so it never gives a value); remove it")
         if isinstance(value, str) and value.startswith("$py:"):
             raise ConfigError(f"{where}: \"$py:\" callables belong in fn, condition or validate")
         if isinstance(value, list):
@@ -196,31 +210,34 @@ class _Validator:
         if unknown:
             self.warnings.append(f"{where}: unknown mapping keys {unknown} are ignored")
         checked = dict(value)
-        for key in _CALLBACK_KEYS & set(value):
+        given = {key for key, item in value.items() if item is not None}
+        for key in _CALLBACK_KEYS & given:
             checked[key] = self.callback(value[key], _path(where, key))
-        if "key" in value and not isinstance(value["key"], str):
+        if "key" in given and not isinstance(value["key"], str):
             raise ConfigError(f"{where}.key: must be a string path, got {value['key']!r:.80}")
-        if "map" in value:
+        if "map" in given:
             if not isinstance(value["map"], dict):
                 raise ConfigError(f"{where}.map: must be an object")
             checked["map"] = {k: self.value(v, _path(f"{where}.map", k))
                               for k, v in value["map"].items()}
-        if "loop" in value:
+        if "loop" in given:
             loop = value["loop"]
             if not isinstance(loop, list) or len(loop) != 2:
                 raise ConfigError(f"{where}.loop: must be [scope, itemMapping]")
             checked["loop"] = [self.value(item, f"{where}.loop[{i}]")
                                for i, item in enumerate(loop)]
-        if "set" in value:
+        if "set" in given:
             if not isinstance(value["set"], list):
                 raise ConfigError(f"{where}.set: must be an array")
             checked["set"] = self.value(value["set"], f"{where}.set")
-        if "consent" in value:
+        if "consent" in given:
             self.consent(value["consent"], f"{where}.consent")
         return checked
 
     def consent(self, value: Any, where: str) -> None:
-        if not isinstance(value, dict) or not all(isinstance(v, bool) for v in value.values()):
+        """`{name: bool}`; a null state is false, as getGrantedConsent tests `required[name]`."""
+        if not isinstance(value, dict) or not all(v is None or isinstance(v, bool)
+                                                  for v in value.values()):
             raise ConfigError(f"{where}: must be an object of booleans like {{\"marketing\": "
                               f"true}}")
 
@@ -234,65 +251,97 @@ class _Validator:
         return {path: self.value(item, _path(where, path)) for path, item in value.items()}
 
     def include(self, value: Any, where: str) -> None:
-        self.string_list(value, where)
-        unknown = sorted(set(value) - _INCLUDE_SECTIONS)
+        """Section names; a null entry names no section, and walkerOS skips it like an unknown
+        name (`SECTIONS[section]` is undefined)."""
+        self.string_list([item for item in value if item is not None]
+                         if isinstance(value, list) else value, where)
+        unknown = sorted({"null" if item is None else item for item in value} - _INCLUDE_SECTIONS)
         if unknown:
             self.warnings.append(f"{where}: unknown include sections {unknown} are ignored")
 
+    def remove(self, value: Any, where: str) -> None:
+        """Dotted paths; a null one is refused: walkerOS's deleteByPath splits it and throws, so
+        the push fails for every event the rule matches."""
+        if isinstance(value, list) and None in value:
+            raise ConfigError(f"{where}[{value.index(None)}]: null is not a path (walkerOS "
+                              f"fails the push on it); remove it")
+        self.string_list(value, where)
+
     def rule(self, rule: Any, where: str) -> dict[str, Any]:
+        """One rule. Every field walkerOS reads with `?.`, `??` or truthiness may be null,
+        which is the same as absent (the checks below skip it; the engine reads it so)."""
+        if rule is None:
+            raise ConfigError(f"{where}: null is not a rule (walkerOS fails the push reading "
+                              f"its condition); remove it")
         if not isinstance(rule, dict):
             raise ConfigError(f"{where}: a rule must be an object, got {rule!r:.80}")
         checked = dict(rule)
+        given = {key for key, item in rule.items() if item is not None}
         for key in sorted(set(rule) - _RULE_KEYS):
             self.warnings.append(f"{where}.{key}: unknown rule key is ignored")
-        if "name" in rule and not isinstance(rule["name"], str):
+        if "name" in given and not isinstance(rule["name"], str):
             raise ConfigError(f"{where}.name: must be a string")
         for flag in ("ignore", "silent"):
-            if flag in rule and not isinstance(rule[flag], bool):
+            if flag in given and not isinstance(rule[flag], bool):
                 raise ConfigError(f"{where}.{flag}: must be true or false")
-        if "condition" in rule:
+        if "condition" in given:
             checked["condition"] = self.callback(rule["condition"], f"{where}.condition")
-        if "data" in rule:
+        if "data" in given:
             checked["data"] = self.value(rule["data"], f"{where}.data")
-        if "policy" in rule:
+        if "policy" in given:
             checked["policy"] = self.policy(rule["policy"], f"{where}.policy")
-        if "include" in rule:
+        if "include" in given:
             self.include(rule["include"], f"{where}.include")
-        if "remove" in rule:
-            self.string_list(rule["remove"], f"{where}.remove")
-        if "consent" in rule:
+        if "remove" in given:
+            self.remove(rule["remove"], f"{where}.remove")
+        if "consent" in given:
             self.consent(rule["consent"], f"{where}.consent")
             self.warnings.append(f"{where}.consent: rule consent is not enforced for "
                                  f"destinations by walkerOS (use the config's consent)")
-        if "batch" in rule:
+        if "batch" in given:
             self.warnings.append(f"{where}.batch: batching is set by pipeline options here")
-        if "settings" in rule:
-            settings = rule["settings"]
-            if not isinstance(settings, dict):
-                raise ConfigError(f"{where}.settings: must be an object")
-            for key in sorted(set(settings) - _RULE_SETTINGS):
-                self.warnings.append(f"{where}.settings.{key}: unknown rule setting is ignored")
-            checked["settings"] = {key: self.value(item, f"{where}.settings.{key}")
-                                   if key in _RULE_SETTINGS and item is not None else item
-                                   for key, item in settings.items()}
+        if "settings" in given:
+            checked["settings"] = self.rule_settings(rule["settings"], f"{where}.settings")
         return checked
+
+    def rule_settings(self, settings: Any, where: str) -> dict[str, Any]:
+        """A null rule setting is absent: `identify` and `uniqueId` are read as
+        `rule ?? destination`, and a null `value` resolves to undefined in walkerOS (its
+        getMappingValue catches the throw on null), so no value is sent."""
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where}: must be an object")
+        for key in sorted(set(settings) - _RULE_SETTINGS):
+            self.warnings.append(f"{where}.{key}: unknown rule setting is ignored")
+        return {key: item if key not in _RULE_SETTINGS or item is None
+                else self.value(item, f"{where}.{key}") for key, item in settings.items()}
 
     def rules(self, rules: Any, where: str) -> dict[str, Any]:
         if not isinstance(rules, dict):
             raise ConfigError(f"{where}: must be an object {{entity: {{action: rule}}}}")
         checked: dict[str, Any] = {}
         for entity, actions in rules.items():
+            if actions is None:  # getMappingEvent: `if (!mapping[entityKey]) entityKey = '*'`
+                checked[entity] = None
+                continue
             if not isinstance(actions, dict):
                 raise ConfigError(f"{where}.{entity}: must be an object {{action: rule}}")
             checked[entity] = {}
             for action, rule in actions.items():
                 rule_where = f"{where}.{entity}.{action}"
+                if rule is None:  # `if (!entityMapping[actionKey]) actionKey = '*'`
+                    checked[entity][action] = None
+                    continue
                 checked[entity][action] = (
                     [self.rule(item, f"{rule_where}[{i}]") for i, item in enumerate(rule)]
                     if isinstance(rule, list) else self.rule(rule, rule_where))
         return checked
 
     def settings(self, settings: Any, where: str) -> dict[str, Any]:
+        """Destination settings; null ones take the default (`settings.x ?? default`) or are
+        off (`if (settings.x)`); a null `identify` resolves to undefined in walkerOS (its
+        getMappingValue catches the throw on null), so it is off too."""
+        if settings is None:  # the Klaviyo destination's getConfig: `settings || {}`
+            return {}
         if not isinstance(settings, dict):
             raise ConfigError(f"{where}: must be an object")
         checked = dict(settings)
@@ -316,20 +365,29 @@ class _Validator:
             note = "is not used by this pipeline" if key in _RUNTIME_CONFIG_KEYS else \
                 "is not a destination config key and is ignored"
             self.warnings.append(f"{_path(where, key)}: {note}")
-        checked: dict[str, Any] = {"settings": self.settings(config.get("settings", {}),
+        checked: dict[str, Any] = {"settings": self.settings(config.get("settings"),
                                                              _path(where, "settings"))}
-        if "mapping" in config:
+        # processEventMapping tests each of these for truthiness (`include` with `??`): a null
+        # one is left out, which is the same.
+        given = {key for key, item in config.items() if item is not None}
+        if "mapping" in given:
             checked["mapping"] = self.rules(config["mapping"], _path(where, "mapping"))
-        if "data" in config:
+        if "data" in given:
             checked["data"] = self.value(config["data"], _path(where, "data"))
-        if "policy" in config:
+        if "policy" in given:
             checked["policy"] = self.policy(config["policy"], _path(where, "policy"))
-        if "include" in config:
+        if "include" in given:
             self.include(config["include"], _path(where, "include"))
             checked["include"] = config["include"]
-        if "consent" in config:
+        if "consent" in given:
             self.consent(config["consent"], _path(where, "consent"))
             checked["consent"] = config["consent"]
+        elif "consent" in config:
+            # getGrantedConsent: `hasRequiredConsent = required === undefined`; nothing in a null
+            # `required` is true, so walkerOS never delivers an event.
+            self.warnings.append(f"{_path(where, 'consent')}: null denies every event (walkerOS "
+                                 f"requires no consent only when `consent` is absent)")
+            checked["consent"] = None
         return checked
 
 
@@ -347,6 +405,9 @@ def _find_destination(flows: dict[str, Any], wanted: str | None) -> tuple[str, s
             is_klaviyo = isinstance(package, str) and (
                 package == KLAVIYO_PACKAGE or package.startswith(KLAVIYO_PACKAGE + "@"))
             if wanted is None and is_klaviyo or wanted in (step_id, f"{flow_name}.{step_id}"):
+                if not isinstance(step, dict):  # the collector destructures it, and throws
+                    raise ConfigError(f"flows.{flow_name}.destinations.{step_id}: "
+                                      f"{json.dumps(step):.80} is not a destination step object")
                 found.append((flow_name, step_id, step))
     if not found:
         what = repr(wanted) if wanted else f"with package {KLAVIYO_PACKAGE}"
@@ -395,7 +456,9 @@ def load_config(
         variables = {**(document.get("variables") or {}), **(flow.get("variables") or {}),
                      **(step.get("variables") or {})}
         resolver = _Resolver(variables, environ)
-        raw = step.get("config", {})
+        # The collector's registerDestination spreads it (`{...code.config, ...config}`): null
+        # gives an empty config.
+        raw = {} if step.get("config") is None else step["config"]
         where = f"flows.{flow_name}.destinations.{destination_id}.config"
     settings = raw.get("settings") if isinstance(raw, dict) else None
     api_key = _api_key_reference(settings.get("apiKey")) if isinstance(settings, dict) else None

@@ -128,8 +128,11 @@ def granted_consent(required: Any, state: Any, individual: Any = None) -> dict[s
     """walkerOS `getGrantedConsent`: the map of granted states, or None when not granted.
 
     `state` and `individual` merge (individual wins per key). The check passes when `required` is
-    absent or empty, or when any key it marks true is granted (OR semantics).
+    absent or empty, or when any key it marks true is granted (OR semantics). A `null` required
+    never passes: walkerOS starts from `required === undefined` and finds nothing true in null.
     """
+    if required is None:
+        return None
     merged = {**(state if isinstance(state, dict) else {}),
               **(individual if isinstance(individual, dict) else {})}
     granted = {name: True for name, value in merged.items() if truthy(value)}
