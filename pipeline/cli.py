@@ -7,7 +7,6 @@ configuration errors as one clear line instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -26,10 +25,10 @@ def _simulate(args: argparse.Namespace) -> int:
     for warning in loaded.warnings:
         print(f"config warning: {warning}", file=sys.stderr)
     simulation = Simulation(loaded.config)
+    write = sys.stdout.write
     with _open_input(args.input) as lines:
         for line in lines:
-            record = simulation.step(line.rstrip("\n"))
-            print(json.dumps(record, ensure_ascii=False))
+            write(simulation.step_json(line.rstrip("\n")) + "\n")
     return 0
 
 

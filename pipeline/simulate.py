@@ -6,9 +6,13 @@ uses, run in order over JSON lines, with the identify state carried across the l
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
+
+import orjson
 
 from transforms.klaviyo.identify_state import IdentifyState, decide
 from transforms.klaviyo.plan import Call, EventPlan, Planner
@@ -20,6 +24,7 @@ class Simulation:
     def __init__(self, config: dict[str, Any]) -> None:
         self.planner = Planner(config)
         self.states: dict[str, IdentifyState] = {}
+        self._finite_config = _finite_and_static(config)
 
     def send_profile(self, plan: EventPlan) -> bool:
         """The identify-state decision for this plan, updating the state (port.md D1)."""
@@ -44,6 +49,39 @@ class Simulation:
                 "calls": [[call.method, call.body] for call in calls],
                 "skipped": plan.skipped,
                 "problems": plan.problems}
+
+
+    def step_json(self, raw: bytes | str, now_ms: float | None = None) -> str:
+        """`step` for one line of JSON, written as one line of JSON.
+
+        A record can hold a number JSON cannot write (Infinity, NaN: `json.dumps` writes them,
+        orjson writes null) only if one came in through the event or the config. orjson's decoder
+        refuses such numbers, so an event it decodes (handed to the planner decoded) under a
+        config without them and without callbacks gets the fast writer; any other line is
+        planned from its text and written by `json.dumps`, as before.
+        """
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return json.dumps(self.step(raw, now_ms), ensure_ascii=False)
+        record = self.step(event if event.__class__ is dict else raw, now_ms)
+        if self._finite_config:
+            try:
+                return orjson.dumps(record).decode()
+            except TypeError:  # integers beyond 64 bits, lone surrogates
+                pass
+        return json.dumps(record, ensure_ascii=False)
+
+
+def _finite_and_static(value: Any) -> bool:
+    """No infinite or NaN number and no callable anywhere in a config value."""
+    if isinstance(value, dict):
+        return all(_finite_and_static(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_finite_and_static(item) for item in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not callable(value)
 
 
 def simulate(config: dict[str, Any], lines: Iterable[str]) -> Iterator[dict[str, Any]]:
