@@ -171,6 +171,8 @@ def compile_value(mapping: Any) -> Resolver:
     """
     entries = [_compile_entry(entry)
                for entry in (mapping if isinstance(mapping, list) else [mapping])]
+    if isinstance(mapping, str):
+        return entries[0]  # a path lookup: handles undefined itself and cannot be malformed
     if len(entries) == 1 and not _uses_consent(mapping):
         return _single(entries[0])
 
@@ -279,7 +281,10 @@ def _compile_path(path: str, static: Any) -> Resolver:
     keys = path.split(".")
 
     def lookup(value: Any, event: Any, consent: Any) -> Any:
-        return _finish(_walk(value, keys, static), static)
+        if value is UNDEFINED:
+            return UNDEFINED
+        result = _walk(value, keys, static)
+        return result if result.__class__ in _SIMPLE else _finish(result, static)
 
     return lookup
 
@@ -304,35 +309,46 @@ def _compile_item(item: Any) -> Resolver:
     condition, fn, validate = item.get("condition"), item.get("fn"), item.get("validate")
     consent_required = item.get("consent", UNDEFINED)
     loop, map_, set_ = (item.get(name, UNDEFINED) for name in ("loop", "map", "set"))
-    if truthy(loop):
+    # What the item holds is known now: each call only does what the item asks for.
+    callbacks = bool(condition or fn or validate)
+    needs_consent = truthy(consent_required)
+    path = key if isinstance(key, str) and key else None
+    has_loop, has_map, has_set = truthy(loop), truthy(map_), truthy(set_)
+    if has_loop:
         scope, item_mapping = (list(loop) + [UNDEFINED, UNDEFINED])[:2]
         loop_scope = None if scope == "this" else compile_value(scope)
         loop_item = compile_value(item_mapping)
-    elif truthy(map_):
+    elif has_map:
         map_items = [(name, compile_value(sub)) for name, sub in map_.items()]
-    elif truthy(set_):
+    elif has_set:
         set_items = [_compile_entry(sub) for sub in set_]
 
     def resolve(value: Any, event: Any, consent: Any) -> Any:
-        context = MappingContext(event, item, consent)
+        context = MappingContext(event, item, consent) if callbacks else None
         if condition and not truthy(_call(condition, "condition", value, context)):
             return UNDEFINED
-        if truthy(consent_required) and granted_consent(consent_required, consent) is None:
+        if needs_consent and granted_consent(consent_required, consent) is None:
             return static
         result = static if static is not UNDEFINED else value
         if fn:
             result = _call(fn, "fn", value, context)
-        if isinstance(key, str) and key:
-            result = get_by_path(value, key, static)
-        if truthy(loop):
+        if path:
+            result = get_by_path(value, path, static)
+        if has_loop:
             scoped = [value] if loop_scope is None else loop_scope(value, event, consent)
             if isinstance(scoped, list):
-                mapped = (loop_item(element, event, consent) for element in scoped)
-                result = [element for element in mapped if element is not UNDEFINED]
-        elif truthy(map_):
-            resolved = ((name, sub(value, event, consent)) for name, sub in map_items)
-            result = {name: sub for name, sub in resolved if sub is not UNDEFINED}
-        elif truthy(set_):
+                result = []
+                for element in scoped:
+                    mapped = loop_item(element, event, consent)
+                    if mapped is not UNDEFINED:
+                        result.append(mapped)
+        elif has_map:
+            result = {}
+            for name, sub in map_items:
+                mapped = sub(value, event, consent)
+                if mapped is not UNDEFINED:
+                    result[name] = mapped
+        elif has_set:
             result = [sub(value, event, consent) for sub in set_items]
         if validate and not truthy(_call(validate, "validate", result, context)):
             result = UNDEFINED
