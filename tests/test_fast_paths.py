@@ -8,6 +8,7 @@ must never pass a profile body the SDK's model refuses.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,11 +21,13 @@ from pydantic import StrictStr
 from pipeline.bench import EXAMPLES, event_mix
 from pipeline.simulate import Simulation
 from tests.conformance import SETS, load_cases
-from tests.test_properties import configs, events, json_values
+from tests.test_properties import configs, events, json_values, mapping_values
 from transforms.klaviyo import preflight
+from transforms.klaviyo.wire import iso_time
 from transforms.walkeros import jsvalues
 from transforms.walkeros.config import ConfigError, load_config, load_config_file
-from transforms.walkeros.jsvalues import UNDEFINED, canonical_json
+from transforms.walkeros.jsvalues import UNDEFINED, canonical_json, is_property
+from transforms.walkeros.mapping import _gives_raw_static, compile_value
 
 NOW = 1_764_400_000_000
 
@@ -179,3 +182,40 @@ def test_numbers_json_cannot_write_are_written_as_before() -> None:
               "mapping": {"a": {"b": {"settings": {"value": {"value": 5}}}}}}
     written = Simulation(config).step_json('{"name": "a b", "user": {"id": "u"}}', now_ms=NOW)
     assert '"value_currency": Infinity' in written
+
+
+# ------------------------------------------------------------------------------------------
+# Times (the date text of a day is kept once computed)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(timestamp=st.floats(min_value=-62_135_596_800_000, max_value=253_402_300_799_999)
+       | st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999))
+def test_iso_time_is_pythons_calendar_for_years_1_to_9999(timestamp: float) -> None:
+    moment = datetime(1970, 1, 1) + timedelta(milliseconds=int(timestamp))
+    expected = moment.isoformat(timespec="milliseconds") + "Z"
+    assert iso_time(timestamp) == expected
+    assert iso_time(timestamp) == expected  # the second time from the kept date
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled mapping Values: what lets a built list or object skip the final property check
+# (mapping._compile_item)
+
+
+callbacks = st.sampled_from([lambda value, context: None, lambda value, context: float("nan"),
+                             lambda value, context: [1, None], lambda value, context: value,
+                             lambda value, context: {"a": UNDEFINED, "b": [float("nan")]}])
+
+
+@settings(max_examples=500, deadline=None)
+@given(mapping=mapping_values(), fn=callbacks, event=events)
+def test_every_compiled_value_gives_a_property_or_undefined(mapping: Any, fn: Any,
+                                                            event: dict[str, Any]) -> None:
+    """Only a consent-denied item's static value is given as is; anything else, lists and
+    objects built of such values included, is a valid property or undefined."""
+    for value in (mapping, {"map": {"a": mapping, "b": {"fn": fn}}},
+                  {"loop": ["this", {"fn": fn}]}, {"set": [mapping, {"fn": fn}, None]}):
+        result = compile_value(value)(event, event, None)
+        if not _gives_raw_static(value):
+            assert result is UNDEFINED or is_property(result)

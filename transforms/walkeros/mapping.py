@@ -133,13 +133,15 @@ def granted_consent(required: Any, state: Any, individual: Any = None) -> dict[s
     `state` and `individual` merge (individual wins per key). The check passes when `required` is
     absent or empty, or when any key it marks true is granted (OR semantics).
     """
-    merged = {**(state if isinstance(state, dict) else {}),
-              **(individual if isinstance(individual, dict) else {})}
-    granted = {name: True for name, value in merged.items() if truthy(value)}
+    merged = individual if not state and isinstance(individual, dict) else {
+        **(state if isinstance(state, dict) else {}),
+        **(individual if isinstance(individual, dict) else {})}
+    granted = {name: True for name, value in merged.items() if value is True or truthy(value)}
     if not isinstance(required, dict) or not required:
         return granted
-    if any(truthy(wanted) and name in granted for name, wanted in required.items()):
-        return granted
+    for name, wanted in required.items():
+        if name in granted and truthy(wanted):
+            return granted
     return None
 
 
@@ -289,6 +291,15 @@ def _compile_path(path: str, static: Any) -> Resolver:
     return lookup
 
 
+def _gives_raw_static(mapping: Any) -> bool:
+    """Whether a Value can give something other than a valid property or undefined: only an
+    item's static `value` given as is when its consent is not granted (walkerOS step 3)."""
+    if isinstance(mapping, list):
+        return any(_gives_raw_static(entry) for entry in mapping)
+    return isinstance(mapping, dict) and truthy(mapping.get("consent", UNDEFINED)) and \
+        not is_property(mapping.get("value", UNDEFINED))
+
+
 def _compile_item(item: Any) -> Resolver:
     """The evaluation order of walkeros.md §2.3 for one mapping item."""
     if isinstance(item, str):
@@ -314,14 +325,21 @@ def _compile_item(item: Any) -> Resolver:
     needs_consent = truthy(consent_required)
     path = key if isinstance(key, str) and key else None
     has_loop, has_map, has_set = truthy(loop), truthy(map_), truthy(set_)
+    parts: list[Any] = []
     if has_loop:
         scope, item_mapping = (list(loop) + [UNDEFINED, UNDEFINED])[:2]
         loop_scope = None if scope == "this" else compile_value(scope)
         loop_item = compile_value(item_mapping)
+        parts = [item_mapping]
     elif has_map:
         map_items = [(name, compile_value(sub)) for name, sub in map_.items()]
+        parts = list(map_.values())
     elif has_set:
         set_items = [_compile_entry(sub) for sub in set_]
+        parts = list(set_)
+    # A list or object built of Values that each give a valid property (or undefined) is a
+    # valid property: step 10 (`_finish`) would return it unchanged, so it is skipped.
+    built_is_property = not any(_gives_raw_static(part) for part in parts)
 
     def resolve(value: Any, event: Any, consent: Any) -> Any:
         context = MappingContext(event, item, consent) if callbacks else None
@@ -334,6 +352,7 @@ def _compile_item(item: Any) -> Resolver:
             result = _call(fn, "fn", value, context)
         if path:
             result = get_by_path(value, path, static)
+        built = built_is_property
         if has_loop:
             scoped = [value] if loop_scope is None else loop_scope(value, event, consent)
             if isinstance(scoped, list):
@@ -342,6 +361,8 @@ def _compile_item(item: Any) -> Resolver:
                     mapped = loop_item(element, event, consent)
                     if mapped is not UNDEFINED:
                         result.append(mapped)
+            else:
+                built = False
         elif has_map:
             result = {}
             for name, sub in map_items:
@@ -350,9 +371,11 @@ def _compile_item(item: Any) -> Resolver:
                     result[name] = mapped
         elif has_set:
             result = [sub(value, event, consent) for sub in set_items]
+        else:
+            built = False
         if validate and not truthy(_call(validate, "validate", result, context)):
-            result = UNDEFINED
-        return _finish(result, static)
+            return _finish(UNDEFINED, static)
+        return result if built else _finish(result, static)
 
     return resolve
 
@@ -369,8 +392,8 @@ def _first_matching(candidate: Any, event: dict[str, Any]) -> dict[str, Any] | N
         if not isinstance(rule, dict):
             continue
         condition = rule.get("condition")
-        context = MappingContext(event, rule, event.get("consent"))
-        if not condition or truthy(_call(condition, "rule condition", event, context)):
+        if not condition or truthy(_call(condition, "rule condition", event,
+                                         MappingContext(event, rule, event.get("consent")))):
             return rule
     return None
 
