@@ -27,7 +27,7 @@ from transforms.klaviyo.wire import iso_time
 from transforms.walkeros import jsvalues
 from transforms.walkeros.config import ConfigError, load_config, load_config_file
 from transforms.walkeros.jsvalues import UNDEFINED, canonical_json, is_property
-from transforms.walkeros.mapping import _gives_raw_static, compile_value
+from transforms.walkeros.mapping import MappingConfig, _gives_raw_static, compile_value, find_rule
 
 NOW = 1_764_400_000_000
 
@@ -219,3 +219,27 @@ def test_every_compiled_value_gives_a_property_or_undefined(mapping: Any, fn: An
         result = compile_value(value)(event, event, None)
         if not _gives_raw_static(value):
             assert result is UNDEFINED or is_property(result)
+
+
+# ------------------------------------------------------------------------------------------
+# Rule lookup, kept per event name when no rule has a condition
+
+
+def test_rules_found_per_name_are_those_find_rule_finds() -> None:
+    rules = {"product": {"view": {"name": "V"}, "*": {"name": "P"}}, "*": {"*": {"name": "A"}}}
+    config = MappingConfig({"mapping": rules})
+    names = [f"product {i % 3}" for i in range(3000)] + [f"n{i} x" for i in range(3000)] + \
+        ["product view", "a", "", "product view"]
+    for name in names:
+        rule, key = config.find({"name": name})
+        expected, expected_key = find_rule({"name": name}, rules)
+        assert (rule.rule if rule else None, key) == (expected, expected_key)
+
+
+def test_rules_with_conditions_are_found_for_each_event() -> None:
+    rules = {"order": {"complete": [{"condition": lambda event, context: event["data"]["big"],
+                                     "name": "Big"}, {"name": "Small"}]}}
+    config = MappingConfig({"mapping": rules})
+    for big in (True, False, True, False):
+        rule, _ = config.find({"name": "order complete", "data": {"big": big}})
+        assert rule is not None and rule.rule["name"] == ("Big" if big else "Small")

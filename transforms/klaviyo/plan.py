@@ -77,7 +77,7 @@ class EventPlan:
     @property
     def problems(self) -> list[str]:
         """Pre-flight problems of each call, then warnings (the `simulate` `problems` list)."""
-        calls = [call for call in (self.profile, self.event) if call is not None]
+        calls = [call for call in (self.profile, self.event) if call is not None and call.problems]
         return [f"{call.method}: {text}" for call in calls for text in call.problems] + \
             self.warnings
 

@@ -29,7 +29,6 @@ PROFILE_TEXT_FIELDS = frozenset({"email", "phone_number", "external_id", "_kx", 
                                  "image"})
 LOCATION_TEXT_FIELDS = frozenset({"address1", "address2", "city", "country", "region", "zip",
                                   "timezone", "ip"})
-_PROFILE_FIELDS = PROFILE_TEXT_FIELDS | {"location", "properties"}
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -90,28 +89,25 @@ def event_problems(body: dict[str, Any], timestamp_ms: float, now_ms: float) -> 
     return problems + _common_problems(body, MAX_EVENT_BYTES)
 
 
-def _texts_or_none(values: dict[str, Any], fields: frozenset[str]) -> bool:
-    return all(values[name] is None or values[name].__class__ is str
-               for name in fields.intersection(values))
-
-
 def _surely_valid_profile(body: dict[str, Any]) -> bool:
     """True only for bodies the SDK's ProfileUpsertQuery certainly accepts: the shape the planner
     builds, with text (or null) in text fields, an object (or null) as location and properties.
     Anything else, unknown fields included, is left to the model itself."""
     data = body.get("data")
     if data.__class__ is not dict or data.keys() != {"type", "attributes"} or \
-            data["type"] != "profile":
+            data["type"] != "profile" or data["attributes"].__class__ is not dict:
         return False
-    attributes = data["attributes"]
-    if attributes.__class__ is not dict or not _texts_or_none(attributes, PROFILE_TEXT_FIELDS):
-        return False
-    location = attributes.get("location")
-    properties = attributes.get("properties")
-    return (attributes.keys() <= _PROFILE_FIELDS
-            and (location is None or (location.__class__ is dict
-                                      and _texts_or_none(location, LOCATION_TEXT_FIELDS)))
-            and (properties is None or properties.__class__ is dict))
+    for name, value in data["attributes"].items():
+        if value is None or (value.__class__ is str and name in PROFILE_TEXT_FIELDS):
+            continue
+        if name == "properties" and value.__class__ is dict:
+            continue
+        if name != "location" or value.__class__ is not dict:
+            return False
+        for part, text in value.items():
+            if text is not None and text.__class__ is not str and part in LOCATION_TEXT_FIELDS:
+                return False
+    return True
 
 
 def profile_problems(body: dict[str, Any]) -> list[str]:

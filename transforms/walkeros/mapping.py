@@ -535,16 +535,33 @@ class MappingConfig:
         self.include = config.get("include")
         self.rules = config.get("mapping")
         self._compiled: dict[int, CompiledRule] = {}
+        conditions = False
         for actions in (self.rules or {}).values():
             for candidate in actions.values() if isinstance(actions, dict) else []:
                 for rule in candidate if isinstance(candidate, list) else [candidate]:
                     if isinstance(rule, dict):
                         # The raw rules live as long as self.config, so their ids stay unique.
                         self._compiled[id(rule)] = CompiledRule.compile(rule)
+                        conditions = conditions or bool(rule.get("condition"))
+        # Without rule conditions the rule depends on the event name alone: found once per name.
+        self._by_name: dict[str, tuple[CompiledRule | None, str]] | None = \
+            None if conditions else {}
 
     def find(self, event: dict[str, Any]) -> tuple[CompiledRule | None, str]:
-        rule, key = find_rule(event, self.rules)
-        return (self._compiled[id(rule)] if rule is not None else None), key
+        name: Any = event.get("name")
+        cache = self._by_name if name.__class__ is str else None
+        found = cache.get(name) if cache is not None else None
+        if found is None:
+            rule, key = find_rule(event, self.rules)
+            found = (self._compiled[id(rule)] if rule is not None else None), key
+            if cache is not None:
+                if len(cache) >= _MAX_NAMES:
+                    cache.clear()
+                cache[name] = found
+        return found
+
+
+_MAX_NAMES = 1024  # distinct event names kept by MappingConfig.find
 
 
 def process_event_mapping(event: dict[str, Any], config: MappingConfig) -> MappedEvent:
