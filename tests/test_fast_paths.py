@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from openapi_client.models import ProfileLocation
 from openapi_client.models import ProfileUpsertQueryResourceObjectAttributes as Attributes
@@ -25,9 +25,16 @@ from tests.test_properties import configs, events, json_values, mapping_values
 from transforms.klaviyo import preflight
 from transforms.klaviyo.wire import iso_time
 from transforms.walkeros import jsvalues
+from transforms.walkeros import mapping as mapping_module
 from transforms.walkeros.config import ConfigError, load_config, load_config_file
 from transforms.walkeros.jsvalues import UNDEFINED, canonical_json, is_property
-from transforms.walkeros.mapping import MappingConfig, _gives_raw_static, compile_value, find_rule
+from transforms.walkeros.mapping import (
+    MappingConfig,
+    _gives_raw_static,
+    compile_value,
+    find_rule,
+    get_by_path,
+)
 
 NOW = 1_764_400_000_000
 
@@ -243,3 +250,26 @@ def test_rules_with_conditions_are_found_for_each_event() -> None:
     for big in (True, False, True, False):
         rule, _ = config.find({"name": "order complete", "data": {"big": big}})
         assert rule is not None and rule.rule["name"] == ("Big" if big else "Small")
+
+
+# ------------------------------------------------------------------------------------------
+# Path lookups: objects all the way down take a short path
+
+
+path_keys = st.sampled_from(["a", "b", "0", "*", "length", ""])
+nested = st.recursive(leaves | st.just(float("nan")),
+                      lambda children: st.lists(children, max_size=3)
+                      | st.dictionaries(path_keys, children, max_size=3), max_leaves=10)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(value=nested, keys=st.lists(path_keys, min_size=1, max_size=4),
+       static=st.just(UNDEFINED) | st.integers() | st.none())
+def test_path_lookups_are_the_general_walk(value: Any, keys: list[str], static: Any) -> None:
+    path = ".".join(keys)
+    assume(path)  # an empty path is the value itself, not a lookup
+    mapping = path if static is UNDEFINED else {"key": path, "value": static}
+    expected = UNDEFINED if value is UNDEFINED else mapping_module._finish(
+        get_by_path(value, path, static), static)
+    got = compile_value(mapping)(value, value, None)
+    assert got == expected or (got != got and expected != expected)

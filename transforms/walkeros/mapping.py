@@ -285,6 +285,14 @@ def _compile_path(path: str, static: Any) -> Resolver:
     def lookup(value: Any, event: Any, consent: Any) -> Any:
         if value is UNDEFINED:
             return UNDEFINED
+        found = value
+        for key in keys:  # the common case: objects all the way down to a scalar, taken as is
+            if found.__class__ is not dict:
+                break
+            found = found.get(key, UNDEFINED)
+        else:
+            if found.__class__ in _SIMPLE or (found.__class__ is float and found == found):
+                return found
         result = _walk(value, keys, static)
         return result if result.__class__ in _SIMPLE else _finish(result, static)
 
