@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=_simulate)
 
     bench = commands.add_parser(
-        "bench", help="events per second for parse + map + plan on one core (median of runs)")
+        "bench", help="events per second for parse + map + plan + identify + output on one "
+                      "core (median of runs, ratio to the walkerOS reference)")
     bench.add_argument("--config", default=None, help="config to plan with (default: example)")
     bench.add_argument("--events", type=int, default=20_000, help="events per run")
     bench.add_argument("--runs", type=int, default=5, help="runs; the median is reported")

@@ -23,7 +23,7 @@ MAX_EVENT_BYTES = 5 * 1024 * 1024
 MAX_PROFILE_BYTES = 100 * 1024
 
 # The fields of the SDK's ProfileUpsertQuery attributes and of its ProfileLocation that are
-# `Optional[StrictStr]` (tests/test_plan.py checks these against the models themselves).
+# `Optional[StrictStr]` (tests/test_fast_paths.py checks these against the models themselves).
 PROFILE_TEXT_FIELDS = frozenset({"email", "phone_number", "external_id", "_kx", "kx",
                                  "first_name", "last_name", "organization", "locale", "title",
                                  "image"})
