@@ -40,7 +40,9 @@ NOW = 1_764_400_000_000
 
 # Every kind of text (lone surrogates included), number (-0.0, 1.0, tiny and huge floats, NaN,
 # infinities, integers beyond 64 bits) and undefined, nested.
-texts = st.text(st.characters(codec=None, categories=None), max_size=6)
+texts = st.text(st.characters(codec=None, categories=None), max_size=6) | st.text(
+    st.sampled_from(["\ud800", "\udfff", "\x00", "\x1f", "\x7f", "\u2028", "é", "\U0001f600",
+                     '"', "\\", "a"]), max_size=4)
 numbers = (st.floats() | st.integers() | st.integers(min_value=2**63 - 3, max_value=2**64 + 3)
            | st.integers(max_value=-2**63 + 3, min_value=-2**63 - 3)
            | st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0**63, 1e16, 1e-5, 1e-4, 1.5e-7, 5e-324]))
