@@ -7,29 +7,25 @@ configuration errors as one clear line instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import BinaryIO
 
 from transforms.walkeros.config import ConfigError, load_config_file
 
 
-def _open_input(path: str) -> TextIO:
-    return sys.stdin if path == "-" else open(path, encoding="utf-8")
+def _open_input(path: str) -> BinaryIO:
+    return sys.stdin.buffer if path == "-" else open(path, "rb")
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from pipeline.simulate import Simulation
+    from pipeline.simulate import write_simulation
 
     loaded = load_config_file(args.config, destination=args.destination)
     for warning in loaded.warnings:
         print(f"config warning: {warning}", file=sys.stderr)
-    simulation = Simulation(loaded.config)
-    with _open_input(args.input) as lines:
-        for line in lines:
-            record = simulation.step(line.rstrip("\n"))
-            print(json.dumps(record, ensure_ascii=False))
+    with _open_input(args.input) as source:
+        write_simulation(loaded.config, source, sys.stdout)
     return 0
 
 
@@ -74,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=_simulate)
 
     bench = commands.add_parser(
-        "bench", help="events per second for parse + map + plan on one core (median of runs)")
+        "bench", help="events per second for parse + map + plan + identify + output on one "
+                      "core (median of runs, ratio to the walkerOS reference)")
     bench.add_argument("--config", default=None, help="config to plan with (default: example)")
     bench.add_argument("--events", type=int, default=20_000, help="events per run")
     bench.add_argument("--runs", type=int, default=5, help="runs; the median is reported")

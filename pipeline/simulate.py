@@ -13,9 +13,12 @@ from a `"\ud800"` escape).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any, TextIO
+
+import orjson
 
 from transforms.json_lines import to_json_line
 from transforms.klaviyo.identify_state import IdentifyState, decide
@@ -29,6 +32,7 @@ class Simulation:
     def __init__(self, config: dict[str, Any]) -> None:
         self.planner = Planner(config)
         self.states: dict[str, IdentifyState] = {}
+        self._finite_config = _finite_and_static(config)
 
     def send_profile(self, plan: EventPlan) -> bool:
         """The identify-state decision for this plan, updating the state (port.md D1)."""
@@ -54,6 +58,38 @@ class Simulation:
                 "skipped": plan.skipped,
                 "problems": plan.problems}
 
+    def step_json(self, raw: bytes | str, now_ms: float | None = None) -> str:
+        """`step` for one line of JSON, written as one line of JSON.
+
+        A record can hold a number JSON cannot write (Infinity, NaN: `json.dumps` writes them,
+        orjson writes null) only if one came in through the event or the config. orjson's decoder
+        refuses such numbers, so an event it decodes (handed to the planner decoded) under a
+        config without them and without callbacks gets the fast writer; any other line is
+        planned from its text and written by `to_json_line`.
+        """
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return to_json_line(self.step(raw, now_ms))
+        record = self.step(event if event.__class__ is dict else raw, now_ms)
+        if self._finite_config:
+            try:
+                return orjson.dumps(record).decode()
+            except TypeError:  # integers beyond 64 bits, lone surrogates
+                pass
+        return to_json_line(record)
+
+
+def _finite_and_static(value: Any) -> bool:
+    """No infinite or NaN number and no callable anywhere in a config value."""
+    if isinstance(value, dict):
+        return all(_finite_and_static(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_finite_and_static(item) for item in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return not callable(value)
+
 
 def simulate(config: dict[str, Any], source: Readable) -> Iterator[dict[str, Any]]:
     """One output record per non-blank line of a binary input, in order."""
@@ -65,5 +101,8 @@ def simulate(config: dict[str, Any], source: Readable) -> Iterator[dict[str, Any
 
 def write_simulation(config: dict[str, Any], source: Readable, out: TextIO) -> None:
     """`walkeros-klaviyo simulate`: the records of `simulate` as JSON Lines on `out`."""
-    for record in simulate(config, source):
-        print(to_json_line(record), file=out)
+    simulation = Simulation(config)
+    write = out.write
+    for line in split_lines(source):
+        if not is_blank(line):
+            write(simulation.step_json(line) + "\n")

@@ -38,7 +38,8 @@ def test_simulate_bare_config_from_stdin(capsys: pytest.CaptureFixture[str],
     config = tmp_path / "config.json"
     config.write_text(json.dumps(case["config"]), encoding="utf-8")
     import io
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(map(json.dumps, case["events"]))))
+    stdin = "\n".join(map(json.dumps, case["events"])).encode("utf-8")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     code, lines, _ = run(capsys, "simulate", "--config", str(config), "--input", "-")
     assert code == 0
     assert calls_equal(json.loads(lines[0])["calls"], expected["events"][0]["calls"])

@@ -77,13 +77,15 @@ class EventPlan:
     @property
     def problems(self) -> list[str]:
         """Pre-flight problems of each call, then warnings (the `simulate` `problems` list)."""
-        calls = [call for call in (self.profile, self.event) if call is not None]
+        calls = [call for call in (self.profile, self.event) if call is not None and call.problems]
         return [f"{call.method}: {text}" for call in calls for text in call.problems] + \
             self.warnings
 
 
 def _identifier(value: Any, *, numbers: bool) -> str | None:
     """A non-empty string, or (for external ids and unique ids) a finite number in JS form."""
+    if value.__class__ is str:
+        return value or None
     if numbers and is_finite_number(value):
         return js_number_to_string(value)
     return value if isinstance(value, str) and value else None
@@ -161,11 +163,14 @@ class Planner:
                    rule: CompiledRule | None, now_ms: float, fallback_time: float) -> EventPlan:
         """The reference destination's `push`, as data (walkeros.md §6.2)."""
         found: Any = event.get("timestamp")
-        if truthy(found) and not is_finite_number(found):
+        if found.__class__ is int and found:  # the usual case: JSON integer milliseconds
+            timestamp = float(found)
+        elif truthy(found) and not is_finite_number(found):
             plan.skipped = INVALID_EVENT
             plan.warnings.append(f"timestamp after policy is not a number: {found!r}")
             return plan
-        timestamp = float(found) if truthy(found) else fallback_time
+        else:
+            timestamp = float(found) if truthy(found) else fallback_time
         plan.timestamp_ms = timestamp
 
         profile: dict[str, str] = {}

@@ -36,13 +36,27 @@ def iso_time(timestamp_ms: float) -> str:
         raise ValueError(f"timestamp {timestamp_ms!r} is not a finite number")
     ms = int(timestamp_ms)  # int() truncates toward zero
     days, ms_of_day = divmod(ms, _MS_PER_DAY)
-    year, month, day = _civil_from_days(days)
+    date = _DATES.get(days) or _date_text(days)
     hours, rest = divmod(ms_of_day, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     seconds, millis = divmod(rest, 1000)
+    return f"{date}T{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}Z"
+
+
+# Days since the epoch → their date text: events come in runs of the same few days, and the
+# calendar arithmetic is most of a time's cost. Bounded; cleared when full.
+_DATES: dict[int, str] = {}
+_MAX_DATES = 4096
+
+
+def _date_text(days: int) -> str:
+    year, month, day = _civil_from_days(days)
     if 0 <= year <= 9999:
         year_text = f"{year:04d}"
     else:
         year_text = f"{'-' if year < 0 else '+'}{abs(year):06d}"
-    return (f"{year_text}-{month:02d}-{day:02d}T{hours:02d}:{minutes:02d}:{seconds:02d}"
-            f".{millis:03d}Z")
+    text = f"{year_text}-{month:02d}-{day:02d}"
+    if len(_DATES) >= _MAX_DATES:
+        _DATES.clear()
+    _DATES[days] = text
+    return text

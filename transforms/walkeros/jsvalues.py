@@ -11,6 +11,8 @@ import json
 import math
 from typing import Any, Final
 
+import orjson
+
 
 class _Undefined:
     """JavaScript `undefined`: a value that is absent, distinct from JSON `null` (Python None)."""
@@ -161,9 +163,45 @@ _PLAIN = frozenset({str, int, bool})
 
 
 def canonical_json(value: Any) -> str:
-    """Stable JSON text for comparing values: sorted keys, and 1.0 written as 1."""
-    return json.dumps(_canonical(to_json_value(value)), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False)
+    """Stable JSON text for comparing values: sorted keys, and 1.0 written as 1.
+
+    It is stored (the identify state's last body) and hashed (fallback event ids), so its text
+    must never change: orjson writes it when it writes exactly what `json.dumps` would, which
+    tests/test_fast_paths.py checks on generated values; anything else takes `json.dumps`."""
+    try:
+        return orjson.dumps(_plain_canonical(value), option=orjson.OPT_SORT_KEYS).decode()
+    except (_NotPlain, TypeError):  # TypeError: integers beyond 64 bits, lone surrogates, …
+        return json.dumps(_canonical(to_json_value(value)), sort_keys=True,
+                          separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class _NotPlain(Exception):
+    """A value whose canonical text orjson would not write as `json.dumps` does."""
+
+
+def _plain_canonical(value: Any) -> Any:
+    """`_canonical(to_json_value(value))` in one pass, for values orjson writes like `json`:
+    JSON types only, and no float that `repr` writes with an exponent below 1e-4 (`1e-05`,
+    which orjson writes `0.00001`), no NaN (which `json.dumps` refuses here)."""
+    kind = value.__class__
+    if kind is dict:
+        return {k: v if v.__class__ in _PLAIN else _plain_canonical(v)
+                for k, v in value.items() if v is not UNDEFINED}
+    if kind is list:
+        return [v if v.__class__ in _PLAIN else _plain_canonical(v) for v in value]
+    if kind is float:
+        if value.is_integer():
+            return int(value) if abs(value) < 2**63 else value
+        if abs(value) >= 1e-4 and value - value == 0:  # finite
+            return value
+        if math.isinf(value):
+            return None
+        raise _NotPlain
+    if kind in _PLAIN:
+        return value
+    if value is None or value is UNDEFINED:
+        return None
+    raise _NotPlain
 
 
 def _canonical(value: Any) -> Any:

@@ -133,13 +133,15 @@ def granted_consent(required: Any, state: Any, individual: Any = None) -> dict[s
     """
     if required is None:
         return None
-    merged = {**(state if isinstance(state, dict) else {}),
-              **(individual if isinstance(individual, dict) else {})}
-    granted = {name: True for name, value in merged.items() if truthy(value)}
+    merged = individual if not state and isinstance(individual, dict) else {
+        **(state if isinstance(state, dict) else {}),
+        **(individual if isinstance(individual, dict) else {})}
+    granted = {name: True for name, value in merged.items() if value is True or truthy(value)}
     if not isinstance(required, dict) or not required:
         return granted
-    if any(truthy(wanted) and name in granted for name, wanted in required.items()):
-        return granted
+    for name, wanted in required.items():
+        if name in granted and truthy(wanted):
+            return granted
     return None
 
 
@@ -171,6 +173,8 @@ def compile_value(mapping: Any) -> Resolver:
     """
     entries = [_compile_entry(entry)
                for entry in (mapping if isinstance(mapping, list) else [mapping])]
+    if isinstance(mapping, str):
+        return entries[0]  # a path lookup: handles undefined itself and cannot be malformed
     if len(entries) == 1 and not _uses_consent(mapping):
         return _single(entries[0])
 
@@ -279,9 +283,29 @@ def _compile_path(path: str, static: Any) -> Resolver:
     keys = path.split(".")
 
     def lookup(value: Any, event: Any, consent: Any) -> Any:
-        return _finish(_walk(value, keys, static), static)
+        if value is UNDEFINED:
+            return UNDEFINED
+        found = value
+        for key in keys:  # the common case: objects all the way down to a scalar, taken as is
+            if found.__class__ is not dict:
+                break
+            found = found.get(key, UNDEFINED)
+        else:
+            if found.__class__ in _SIMPLE or (found.__class__ is float and found == found):
+                return found
+        result = _walk(value, keys, static)
+        return result if result.__class__ in _SIMPLE else _finish(result, static)
 
     return lookup
+
+
+def _gives_raw_static(mapping: Any) -> bool:
+    """Whether a Value can give something other than a valid property or undefined: only an
+    item's static `value` given as is when its consent is not granted (walkerOS step 3)."""
+    if isinstance(mapping, list):
+        return any(_gives_raw_static(entry) for entry in mapping)
+    return isinstance(mapping, dict) and truthy(mapping.get("consent", UNDEFINED)) and \
+        not is_property(mapping.get("value", UNDEFINED))
 
 
 def _compile_item(item: Any) -> Resolver:
@@ -304,39 +328,62 @@ def _compile_item(item: Any) -> Resolver:
     condition, fn, validate = item.get("condition"), item.get("fn"), item.get("validate")
     consent_required = item.get("consent", UNDEFINED)
     loop, map_, set_ = (item.get(name, UNDEFINED) for name in ("loop", "map", "set"))
-    if truthy(loop):
+    # What the item holds is known now: each call only does what the item asks for.
+    callbacks = bool(condition or fn or validate)
+    needs_consent = truthy(consent_required)
+    path = key if isinstance(key, str) and key else None
+    has_loop, has_map, has_set = truthy(loop), truthy(map_), truthy(set_)
+    parts: list[Any] = []
+    if has_loop:
         scope, item_mapping = (list(loop) + [UNDEFINED, UNDEFINED])[:2]
         loop_scope = None if scope == "this" else compile_value(scope)
         loop_item = compile_value(item_mapping)
-    elif truthy(map_):
+        parts = [item_mapping]
+    elif has_map:
         map_items = [(name, compile_value(sub)) for name, sub in map_.items()]
-    elif truthy(set_):
+        parts = list(map_.values())
+    elif has_set:
         set_items = [_compile_entry(sub) for sub in set_]
+        parts = list(set_)
+    # A list or object built of Values that each give a valid property (or undefined) is a
+    # valid property: step 10 (`_finish`) would return it unchanged, so it is skipped.
+    built_is_property = not any(_gives_raw_static(part) for part in parts)
 
     def resolve(value: Any, event: Any, consent: Any) -> Any:
-        context = MappingContext(event, item, consent)
+        context = MappingContext(event, item, consent) if callbacks else None
         if condition and not truthy(_call(condition, "condition", value, context)):
             return UNDEFINED
-        if truthy(consent_required) and granted_consent(consent_required, consent) is None:
+        if needs_consent and granted_consent(consent_required, consent) is None:
             return static
         result = static if static is not UNDEFINED else value
         if fn:
             result = _call(fn, "fn", value, context)
-        if isinstance(key, str) and key:
-            result = get_by_path(value, key, static)
-        if truthy(loop):
+        if path:
+            result = get_by_path(value, path, static)
+        built = built_is_property
+        if has_loop:
             scoped = [value] if loop_scope is None else loop_scope(value, event, consent)
             if isinstance(scoped, list):
-                mapped = (loop_item(element, event, consent) for element in scoped)
-                result = [element for element in mapped if element is not UNDEFINED]
-        elif truthy(map_):
-            resolved = ((name, sub(value, event, consent)) for name, sub in map_items)
-            result = {name: sub for name, sub in resolved if sub is not UNDEFINED}
-        elif truthy(set_):
+                result = []
+                for element in scoped:
+                    mapped = loop_item(element, event, consent)
+                    if mapped is not UNDEFINED:
+                        result.append(mapped)
+            else:
+                built = False
+        elif has_map:
+            result = {}
+            for name, sub in map_items:
+                mapped = sub(value, event, consent)
+                if mapped is not UNDEFINED:
+                    result[name] = mapped
+        elif has_set:
             result = [sub(value, event, consent) for sub in set_items]
+        else:
+            built = False
         if validate and not truthy(_call(validate, "validate", result, context)):
-            result = UNDEFINED
-        return _finish(result, static)
+            return _finish(UNDEFINED, static)
+        return result if built else _finish(result, static)
 
     return resolve
 
@@ -353,8 +400,8 @@ def _first_matching(candidate: Any, event: dict[str, Any]) -> dict[str, Any] | N
         if not isinstance(rule, dict):
             continue
         condition = rule.get("condition")
-        context = MappingContext(event, rule, event.get("consent"))
-        if not condition or truthy(_call(condition, "rule condition", event, context)):
+        if not condition or truthy(_call(condition, "rule condition", event,
+                                         MappingContext(event, rule, event.get("consent")))):
             return rule
     return None
 
@@ -500,16 +547,33 @@ class MappingConfig:
         self.include = config.get("include")
         self.rules = config.get("mapping")
         self._compiled: dict[int, CompiledRule] = {}
+        conditions = False
         for actions in (self.rules or {}).values():
             for candidate in actions.values() if isinstance(actions, dict) else []:
                 for rule in candidate if isinstance(candidate, list) else [candidate]:
                     if isinstance(rule, dict):
                         # The raw rules live as long as self.config, so their ids stay unique.
                         self._compiled[id(rule)] = CompiledRule.compile(rule)
+                        conditions = conditions or bool(rule.get("condition"))
+        # Without rule conditions the rule depends on the event name alone: found once per name.
+        self._by_name: dict[str, tuple[CompiledRule | None, str]] | None = \
+            None if conditions else {}
 
     def find(self, event: dict[str, Any]) -> tuple[CompiledRule | None, str]:
-        rule, key = find_rule(event, self.rules)
-        return (self._compiled[id(rule)] if rule is not None else None), key
+        name: Any = event.get("name")
+        cache = self._by_name if name.__class__ is str else None
+        found = cache.get(name) if cache is not None else None
+        if found is None:
+            rule, key = find_rule(event, self.rules)
+            found = (self._compiled[id(rule)] if rule is not None else None), key
+            if cache is not None:
+                if len(cache) >= _MAX_NAMES:
+                    cache.clear()
+                cache[name] = found
+        return found
+
+
+_MAX_NAMES = 1024  # distinct event names kept by MappingConfig.find
 
 
 def process_event_mapping(event: dict[str, Any], config: MappingConfig) -> MappedEvent:
