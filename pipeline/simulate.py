@@ -7,7 +7,7 @@ The input is cut into lines exactly as the pipeline cuts files (`transforms.line
 on `\n` or `\r\n` (a bare `\r` is not a separator), a leading UTF-8 BOM dropped, nothing
 decoded before the parse. So a line that is not UTF-8 is an `invalid_event` record, not a
 crash, and blank lines are skipped: one record per non-blank line. Output lines are written by
-`transforms.json_lines.to_json_line`, which escapes what UTF-8 cannot hold (a lone surrogate
+`transforms.lines.to_json_line`, which escapes what UTF-8 cannot hold (a lone surrogate
 from a `"\ud800"` escape).
 """
 
@@ -20,10 +20,9 @@ from typing import Any, TextIO
 
 import orjson
 
-from transforms.json_lines import to_json_line
 from transforms.klaviyo.identify_state import IdentifyState, decide
 from transforms.klaviyo.plan import Call, EventPlan, Planner
-from transforms.lines import Readable, is_blank, split_lines
+from transforms.lines import Readable, is_blank, split_lines, to_json_line
 
 
 class Simulation:

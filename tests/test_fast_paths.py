@@ -22,9 +22,9 @@ from pipeline.bench import EXAMPLES, event_mix
 from pipeline.simulate import Simulation
 from tests.conformance import SETS, load_cases
 from tests.test_properties import configs, events, json_values, mapping_values
-from transforms.json_lines import to_json_line
 from transforms.klaviyo import preflight
 from transforms.klaviyo.wire import iso_time
+from transforms.lines import to_json_line
 from transforms.walkeros import jsvalues
 from transforms.walkeros import mapping as mapping_module
 from transforms.walkeros.config import ConfigError, load_config, load_config_file
@@ -275,3 +275,16 @@ def test_path_lookups_are_the_general_walk(value: Any, keys: list[str], static: 
         get_by_path(value, path, static), static)
     got = compile_value(mapping)(value, value, None)
     assert got == expected or (got != got and expected != expected)
+
+
+def test_simulate_imports_neither_beam_nor_the_sdk() -> None:
+    """simulate's start-up is part of its whole-process rate: the modules it loads must not pull
+    in Beam or the Klaviyo SDK (a single import of either costs more than 10,000 events)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.cli, pipeline.simulate; "
+            "print(sorted(m for m in ('apache_beam', 'klaviyo_api') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

@@ -41,9 +41,10 @@ from apache_beam.io.gcp.pubsub import PubsubMessage, WriteToPubSub
 from apache_beam.pvalue import TaggedOutput
 
 from transforms.elements import Envelope
-from transforms.json_lines import WriteJsonLines, to_json_line
+from transforms.json_lines import WriteJsonLines
 from transforms.klaviyo.plan import Call
 from transforms.klaviyo.wire import iso_time
+from transforms.lines import to_json_line
 from transforms.metrics import counter, dead_letter_counter_name
 
 DEAD_LETTERS = "dead_letters"

@@ -12,7 +12,6 @@ therefore stamped with the current time (never earlier than its own) before it i
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,20 +22,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.lines import to_json_line
+
 STDOUT = "-"
 WINDOW_SECONDS = 60
 SUFFIX = ".jsonl"
-
-
-def to_json_line(value: Any) -> str:
-    """Compact, one line, non-ASCII text as it is; but escaped when the value holds a lone
-    surrogate (JSON input may contain `"\\ud800"`), which UTF-8 cannot encode."""
-    line = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"))
-    return line
 
 
 def _print_line(line: str) -> None:

@@ -1,4 +1,5 @@
-"""How a JSON Lines input file is cut into lines: one rule for the pipeline and for `simulate`.
+"""JSON Lines text, free of Beam: how an input file is cut into lines (one rule for the pipeline
+and for `simulate`), and how an output line is written (`to_json_line`).
 
 Lines are bytes, never decoded here: a line that is not UTF-8 reaches the parse stage as it is
 and becomes a dead letter with its bytes kept (base64), instead of failing the whole file.
@@ -12,13 +13,14 @@ and becomes a dead letter with its bytes kept (base64), instead of failing the w
 - A blank line (nothing but JSON white space: space, tab, `\\r`) is no event: it is skipped and
   counted (`blank_lines`), not a dead letter.
 - Escapes such as `"\\ud800"` (a lone surrogate) are JSON's business: they parse, and the output
-  writers escape what UTF-8 cannot encode (`transforms.json_lines.to_json_line`).
+  writers escape what UTF-8 cannot encode (`to_json_line`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 BOM = b"\xef\xbb\xbf"
 _WHITE_SPACE = b" \t\r\n"
@@ -47,3 +49,14 @@ def split_lines(handle: Readable) -> Iterator[bytes]:
 def is_blank(line: bytes) -> bool:
     """True for a line that holds no event (only JSON white space)."""
     return not line.strip(_WHITE_SPACE)
+
+
+def to_json_line(value: Any) -> str:
+    """Compact, one line, non-ASCII text as it is; but escaped when the value holds a lone
+    surrogate (JSON input may contain `"\\ud800"`), which UTF-8 cannot encode."""
+    line = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"))
+    return line
