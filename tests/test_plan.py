@@ -171,3 +171,15 @@ def test_planned_bodies_are_accepted_by_the_sdk_models() -> None:
 def test_deeply_nested_input_is_an_invalid_event() -> None:
     result = plan({}, b"[" * 100_000)
     assert result.skipped == INVALID_EVENT and "nested too deeply" in result.warnings[0]
+
+
+def test_a_policy_that_leaves_the_name_undefined_is_a_problem_not_a_crash() -> None:
+    """walkerOS 4.4.0 writes an undefined policy value (`event.name = undefined`); the metric name
+    is then left out of the body (JSON.stringify drops it), which Klaviyo refuses: here it is a
+    pre-flight problem (a dead letter), not an exception that stops the run."""
+    step = Simulation({"policy": {"name": "data.id"}}).step(
+        '{"name": "a b", "id": "1", "user": {"id": "u"}}', now_ms=NOW)
+    method, body = step["calls"][0]
+    assert method == "create_event"
+    assert body["data"]["attributes"]["metric"]["data"]["attributes"] == {}
+    assert any("metric name" in problem for problem in step["problems"])

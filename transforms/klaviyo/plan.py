@@ -212,10 +212,14 @@ class Planner:
                     rule: dict[str, Any], rule_settings: dict[str, Resolver],
                     profile: dict[str, str], timestamp: float, now_ms: float) -> Call:
         name = rule.get("name")
+        if not isinstance(name, str):
+            name = event.get("name", UNDEFINED)
+        # A policy can leave the name undefined: left out, as JSON.stringify does (pre-flight
+        # then flags the body, which Klaviyo would refuse).
+        metric = {} if name is UNDEFINED else {"name": name}
         attributes: dict[str, Any] = {
             "profile": {"data": {"type": "profile", "attributes": dict(profile)}},
-            "metric": {"data": {"type": "metric", "attributes": {
-                "name": name if isinstance(name, str) else event.get("name")}}},
+            "metric": {"data": {"type": "metric", "attributes": metric}},
             "properties": to_json_value(data) if isinstance(data, dict) else {},
             "time": iso_time(timestamp),
         }

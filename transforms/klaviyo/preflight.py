@@ -80,7 +80,7 @@ def event_problems(body: dict[str, Any], timestamp_ms: float, now_ms: float) -> 
     elif timestamp_ms > now_ms + MAX_AHEAD_MS:
         problems.append(f"time {attributes['time']} is more than one year after "
                         f"{iso_time(now_ms)}, which Klaviyo rejects")
-    name = attributes["metric"]["data"]["attributes"]["name"]
+    name = attributes["metric"]["data"]["attributes"].get("name")
     if not isinstance(name, str) or len(name) > MAX_METRIC_NAME:
         problems.append(f"metric name must be a string under 128 characters, got {name!r:.60}")
     if len(attributes["properties"]) > MAX_PROPERTIES:
