@@ -18,10 +18,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import ReadFromPubSub
 
-from pipeline.options import JobSettings, OptionsError
+from pipeline.local_streaming import LocalReadFromPubSub
+from pipeline.options import LOCAL_STREAMING_RUNNER, JobSettings, OptionsError
 from transforms.dead_letters import WriteDeadLetters
 from transforms.dry_run import WriteDryRun
 from transforms.identify_state import ApplyIdentifyState
+from transforms.json_lines import WINDOW_SECONDS
 from transforms.klaviyo.api_key import ENV_VAR, ApiKeySource
 from transforms.parse import Parse
 from transforms.plan import Clock, Plan
@@ -61,13 +63,23 @@ class PlanCalls(beam.PTransform):
         return ready, dead
 
 
-def _read(pipeline: beam.Pipeline, settings: JobSettings) -> beam.PCollection:
-    if settings.source_kind == "subscription":
-        return pipeline | "read" >> ReadFromPubSub(subscription=settings.source,
-                                                   with_attributes=True)
-    if settings.source_kind == "topic":
-        return pipeline | "read" >> ReadFromPubSub(topic=settings.source, with_attributes=True)
-    return pipeline | "read" >> beam.io.ReadFromText(settings.source)
+def settle_seconds(settings: JobSettings) -> float:
+    """How long a local read keeps a message leased after every stage took it: the longest
+    it may wait in a sink batch or a windowed file output before it is written."""
+    return (settings.sink.batch_max_delay_ms / 1000 + settings.sink.max_retry_seconds
+            + WINDOW_SECONDS)
+
+
+def _read(pipeline: beam.Pipeline, settings: JobSettings, runner: str) -> beam.PCollection:
+    if settings.source_kind == "files":
+        return pipeline | "read" >> beam.io.ReadFromText(settings.source)
+    subscription, topic = ((settings.source, None) if settings.source_kind == "subscription"
+                           else (None, settings.source))
+    if runner == LOCAL_STREAMING_RUNNER:  # stops without losing what it pulled
+        return pipeline | "read" >> LocalReadFromPubSub(
+            subscription=subscription, topic=topic, settle_seconds=settle_seconds(settings))
+    return pipeline | "read" >> ReadFromPubSub(subscription=subscription, topic=topic,
+                                               with_attributes=True)
 
 
 def sink_settings(settings: JobSettings, config: dict[str, Any], runner: str) -> SinkSettings:
@@ -94,7 +106,7 @@ def without_api_key(config: dict[str, Any]) -> dict[str, Any]:
 def build(pipeline: beam.Pipeline, settings: JobSettings, config: dict[str, Any],
           runner: str = "") -> None:
     """Add the whole job to `pipeline`."""
-    calls, dead = _read(pipeline, settings) | "plan_calls" >> PlanCalls(
+    calls, dead = _read(pipeline, settings, runner) | "plan_calls" >> PlanCalls(
         without_api_key(config), ttl_seconds=settings.identify_state_ttl_seconds)
     if settings.dry_run_output is not None:
         calls | "sink" >> WriteDryRun(settings.dry_run_output, streaming=settings.streaming)

@@ -33,8 +33,10 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 # Runners that execute in this process; `run` waits for them and prints a summary.
+LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"
 LOCAL_RUNNERS = frozenset({"FnApiRunner", "BundleBasedDirectRunner", "DirectRunner",
                            "SwitchingDirectRunner", "PrismRunner"})
+_DIRECT_RUNNERS = frozenset({"DirectRunner", "SwitchingDirectRunner"})
 
 
 class OptionsError(ValueError):
@@ -292,10 +294,12 @@ def pin_local_runner(options: PipelineOptions, *, streaming: bool) -> str:
 
     Beam's default DirectRunner first tries to download Prism (beam.md §1): FnApiRunner is the
     fast batch engine; BundleBasedDirectRunner is the one that runs Pub/Sub and streaming.
+    Beam's DirectRunner runs Pub/Sub on BundleBasedDirectRunner anyway; naming it lets the job
+    use its stoppable read (pipeline/local_streaming.py).
     """
     standard = options.view_as(StandardOptions)
     if streaming:
         standard.streaming = True
-    if standard.runner is None:
-        standard.runner = "BundleBasedDirectRunner" if streaming else "FnApiRunner"
+    if standard.runner is None or (streaming and standard.runner in _DIRECT_RUNNERS):
+        standard.runner = LOCAL_STREAMING_RUNNER if streaming else "FnApiRunner"
     return str(standard.runner)

@@ -7,6 +7,7 @@ runner such as Dataflow is submitted and not waited for, as a Flex Template laun
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
@@ -16,8 +17,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline.assembly import build, read_config
+from pipeline.local_streaming import STOP, install_stop_handlers, notify_stderr, settle_leases
 from pipeline.options import (
     LOCAL_RUNNERS,
+    LOCAL_STREAMING_RUNNER,
     OptionsError,
     help_parser,
     job_settings,
@@ -84,15 +87,51 @@ def main(argv: list[str]) -> int:
     except OptionsError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
+    if runner == LOCAL_STREAMING_RUNNER:
+        install_stop_handlers(STOP, notify_stderr)
     result = pipeline.run()
     if runner not in LOCAL_RUNNERS:
         print(f"{PROG}: submitted to {runner}", file=sys.stderr)
         return 0
+    _quiet_local_runner_errors()
+    return _wait(result, streaming=settings.streaming)
+
+
+def _quiet_local_runner_errors() -> None:
+    """A failing DoFn makes the local runners log its traceback once per attempt (hundreds of
+    lines); `_wait` reports the error in one line instead."""
+    for name in ("apache_beam.runners.common", "apache_beam.runners.direct.executor"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _wait(result: PipelineResult, *, streaming: bool) -> int:
+    """Wait for a local run; settle what a local streaming read still leases."""
     try:
         state = result.wait_until_finish()
-    except KeyboardInterrupt:  # the way to end a local streaming run
-        print(f"{PROG}: stopped", file=sys.stderr)
+    except KeyboardInterrupt:  # a second SIGINT or SIGTERM: quit now
+        released = settle_leases(succeeded=False)
+        print(f"{PROG}: stopped at once; {released} pulled message(s) not acknowledged "
+              f"will be delivered again by the next run", file=sys.stderr)
         return 130
-    if not settings.streaming:
+    except Exception as error:  # noqa: BLE001 - the job failed: one line, no traceback
+        released = settle_leases(succeeded=False)
+        print(f"{PROG}: the job failed: {_first_line(error)}"
+              + (f"; {released} pulled message(s) not acknowledged will be delivered again "
+                 f"by the next run" if streaming else ""), file=sys.stderr)
+        return 1
+    if streaming:
+        acknowledged = settle_leases(succeeded=True)
+        print(f"{PROG}: stopped ({STOP.reason or 'input ended'}); everything pulled was "
+              f"delivered or dead-lettered ({acknowledged} acknowledged at the end)",
+              file=sys.stderr)
+    else:
         print_summary(counter_totals(result), sys.stderr)
     return 0 if state == PipelineState.DONE else 1
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's message, first line: Beam wraps a DoFn's error in its own."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
