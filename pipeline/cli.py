@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from pipeline import version_line
 from transforms.walkeros.config import ConfigError, load_config_file
 
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walkeros-klaviyo",
         description="Deliver walkerOS events to Klaviyo (Apache Beam).")
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser(

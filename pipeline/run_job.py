@@ -16,6 +16,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+from pipeline import version_line
 from pipeline.assembly import build, read_config
 from pipeline.local_streaming import STOP, install_stop_handlers, notify_stderr, settle_leases
 from pipeline.options import (
@@ -62,6 +63,9 @@ def print_summary(totals: dict[str, int], out: TextIO) -> None:
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         help_parser().print_help()
+        return 0
+    if "--version" in argv:
+        print(version_line())
         return 0
     try:
         argv = take_dry_run_flag(argv)
