@@ -29,7 +29,7 @@ from pipeline.options import (
     take_dry_run_flag,
     unknown_options,
 )
-from transforms.dead_letters import SINK, STAGES
+from transforms.dead_letters import PARSE, PLAN, SINK, STAGES
 from transforms.metrics import COUNTERS, NAMESPACE, dead_letter_counter_name
 from transforms.walkeros.config import ConfigError
 
@@ -47,10 +47,23 @@ def counter_totals(result: PipelineResult) -> dict[str, int]:
     return totals
 
 
+# Where each input record ended: exactly one of these, so they add up to "events in".
+_OUTCOMES = (dead_letter_counter_name(PARSE), dead_letter_counter_name(PLAN), "ignored",
+             "consent", "no_identifier", "events_planned", "identify_only")
+
+
 def print_summary(totals: dict[str, int], out: TextIO) -> None:
-    rows = [(label, totals.get(name, 0)) for name, label in COUNTERS]
-    rows += [(f"dead letters: {stage}", totals.get(dead_letter_counter_name(stage), 0))
-             for stage in STAGES]
+    """The counters of a finished run: first where every input record ended (indented rows
+    that add up to "events in"), then what the later stages did with the planned ones."""
+    labels = dict(COUNTERS) | {dead_letter_counter_name(stage): f"dead letters: {stage}"
+                               for stage in STAGES}
+    rows = [(labels["events_in"], totals.get("events_in", 0))]
+    rows += [(f"  {labels[name]}", totals.get(name, 0)) for name in _OUTCOMES]
+    # ("invalid" is left out: every invalid event is already a parse or plan dead letter.)
+    later = [name for name, _ in COUNTERS if name not in (*_OUTCOMES, "events_in", "invalid")]
+    later += [dead_letter_counter_name(stage) for stage in STAGES
+              if dead_letter_counter_name(stage) not in _OUTCOMES]
+    rows += [(labels[name], totals.get(name, 0)) for name in later]
     by_reason = dead_letter_counter_name(SINK) + "_"
     rows += [(f"  sink, {name.removeprefix(by_reason)}", value)
              for name, value in sorted(totals.items()) if name.startswith(by_reason)]

@@ -57,9 +57,24 @@ def test_readme_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert all(d["payload_encoding"] == "utf-8" for d in letters)
 
     assert _summary_value(err, "events in") == 32
+    assert sum(_outcome_rows(err).values()) == 32, "the outcome rows add up to events in"
+    assert _outcome_rows(err)["identify only (a profile, no event)"] == 8
     assert _summary_value(err, "calls written (dry run)") == len(calls) == 19
     assert _summary_value(err, "dead letters: parse") == 2
     assert _summary_value(err, "consent not granted") == 1
+
+
+def _outcome_rows(summary: str) -> dict[str, int]:
+    """The rows indented under "events in": where each input record ended."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("events in  "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        label, _, value = line.strip().rpartition(" ")
+        rows[label.strip()] = int(value)
+    return rows
 
 
 def _summary_value(summary: str, label: str) -> int:
