@@ -94,3 +94,17 @@ def test_run_help_marks_the_required_options(capsys: pytest.CaptureFixture[str])
                          ("--dead_letter_path DEAD_LETTER_PATH", "[required: one or both]")]:
         assert f"{option} {mark}" in text, option
     assert "--destination DESTINATION [required" not in text
+
+
+def test_the_readme_simulate_example_is_current(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## simulate:", 1)[1]
+    shown = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    third = (EXAMPLES / "events.jsonl").read_text(encoding="utf-8").splitlines()[2]
+    monkeypatch.setattr("sys.stdin", io.StringIO(third + "\n"))
+    code, lines, _ = run(capsys, "simulate", "--config", str(EXAMPLES / "flow.json"),
+                         "--input", "-")
+    assert code == 0 and [json.loads(line) for line in lines] == [shown]
