@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from google.cloud import pubsub_v1
 
+from pipeline.local_streaming import LEASE_SECONDS, Leases
 from tests.klaviyo_server import BULK_EVENTS, Fault, KlaviyoTestServer
 from tests.test_pipeline_pubsub import _stop, emulator  # noqa: F401 - the emulator fixture
 
@@ -151,3 +152,45 @@ def test_a_refusing_sink_stops_pulling_and_leaves_the_backlog(
     assert KlaviyoTestServer().api_key not in err and "Traceback" not in err
     remaining = _remaining(subscription)
     assert delivered | remaining == {f"ev-{index:04d}" for index in range(EVENTS)}, err
+
+
+class _FakeSubscriber:
+    """Records what the leases ask Pub/Sub to do."""
+
+    def __init__(self) -> None:
+        self.acked: list[str] = []
+        self.deadlines: list[tuple[tuple[str, ...], int]] = []
+
+    def acknowledge(self, *, subscription: str, ack_ids: list[str]) -> None:
+        self.acked += ack_ids
+
+    def modify_ack_deadline(self, *, subscription: str, ack_ids: list[str],
+                            ack_deadline_seconds: int) -> None:
+        self.deadlines.append((tuple(ack_ids), ack_deadline_seconds))
+
+
+def test_a_message_is_acknowledged_only_after_every_stage_took_it_and_it_settled() -> None:
+    now = [100.0]
+    client = _FakeSubscriber()
+    leases = Leases(client, "projects/p/subscriptions/s", clock=lambda: now[0])
+    leases.add(["a", "b"])
+    assert client.deadlines == [(("a", "b"), LEASE_SECONDS)]  # leased at once
+    leases.acknowledge_settled()
+    assert client.acked == []  # not yet taken by every stage
+    leases.taken(settle_seconds=30)
+    leases.add(["c"])  # pulled after: its own settle time starts when it is taken
+    now[0] = 129.0
+    leases.acknowledge_settled()
+    assert client.acked == []
+    now[0] = 130.0
+    leases.acknowledge_settled()
+    assert client.acked == ["a", "b"] and leases.outstanding() == 1
+    assert leases.release() == 1 and client.deadlines[-1] == (("c",), 0)  # handed back
+    assert leases.acknowledge_all() == 0
+
+
+def test_the_job_finished_acknowledges_what_is_still_leased() -> None:
+    client = _FakeSubscriber()
+    leases = Leases(client, "projects/p/subscriptions/s")
+    leases.add(["a"])
+    assert leases.acknowledge_all() == 1 and client.acked == ["a"]
