@@ -168,10 +168,12 @@ class SubscriptionSource:
             except DeadlineExceeded:  # nothing came within the timeout
                 empty += 1
                 continue
-            fresh = [received for received in response.received_messages
-                     if received.message.message_id not in self._skipped]
-            self._lease([received.ack_id for received in response.received_messages
-                         if received.message.message_id in self._skipped])
+            fresh = []
+            for received in response.received_messages:
+                if received.message.message_id in self._skipped:  # back after 600 s
+                    self.skip(received.message.message_id, received.ack_id)
+                else:
+                    fresh.append(received)
             empty = 0 if fresh else empty + 1
             if fresh:
                 yield [Pulled(self._record(received), received.ack_id,
