@@ -104,26 +104,28 @@ def main(argv: list[str]) -> int:
     except OptionsError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    if runner == LOCAL_STREAMING_RUNNER:
-        install_stop_handlers(STOP, notify_stderr)
-    result = pipeline.run()
     if runner not in LOCAL_RUNNERS:
+        pipeline.run()
         print(f"{PROG}: submitted to {runner}", file=sys.stderr)
         return 0
     _quiet_local_runner_errors()
-    return _wait(result, streaming=settings.streaming)
+    if runner == LOCAL_STREAMING_RUNNER:
+        install_stop_handlers(STOP, notify_stderr)
+    return _run_locally(pipeline, streaming=settings.streaming)
 
 
 def _quiet_local_runner_errors() -> None:
     """A failing DoFn makes the local runners log its traceback once per attempt (hundreds of
-    lines); `_wait` reports the error in one line instead."""
+    lines); `_run_locally` reports the error in one line instead."""
     for name in ("apache_beam.runners.common", "apache_beam.runners.direct.executor"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _wait(result: PipelineResult, *, streaming: bool) -> int:
-    """Wait for a local run; settle what a local streaming read still leases."""
+def _run_locally(pipeline: beam.Pipeline, *, streaming: bool) -> int:
+    """Run and wait (FnApiRunner runs inside `run`, the direct runner in the background);
+    settle what a local streaming read still leases; a failure is one line."""
     try:
+        result = pipeline.run()
         state = result.wait_until_finish()
     except KeyboardInterrupt:  # a second SIGINT or SIGTERM: quit now
         released = settle_leases(succeeded=False)

@@ -149,3 +149,28 @@ def test_beam_options_pass_through() -> None:
                                                ("90m", 5_400), ("45s", 45), ("3600", 3600)])
 def test_parse_duration(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_job_that_fails_while_sending_reports_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.klaviyo_server import BULK_EVENTS, Fault, KlaviyoTestServer
+
+    with KlaviyoTestServer(time_scale=60.0) as server:
+        server.inject(BULK_EVENTS, *[Fault.forbidden()] * 50)  # a key without the scope
+        code = cli_main(["run", "--input", EVENTS, "--config", CONFIG,
+                         "--dead_letter_path", str(tmp_path / "dead"),
+                         "--klaviyo_base_url", server.url, "--klaviyo_api_key", server.api_key,
+                         "--rate_limit_scale", "60"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if line.startswith("walkeros-klaviyo run:")]
+    assert line.startswith("walkeros-klaviyo run: the job failed: KlaviyoConfigurationError: ")
+    assert server.api_key not in err
+
+
+def test_streaming_on_the_direct_runner_uses_the_stoppable_read() -> None:
+    for runner in ("DirectRunner", "SwitchingDirectRunner", None):
+        argv = [] if runner is None else ["--runner", runner]
+        assert pin_local_runner(PipelineOptions(argv), streaming=True) == "BundleBasedDirectRunner"
+    assert pin_local_runner(PipelineOptions(["--runner", "DirectRunner"]),
+                            streaming=False) == "DirectRunner"
