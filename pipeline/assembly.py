@@ -18,10 +18,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.gcp.pubsub import ReadFromPubSub
 
-from pipeline.options import LOCAL_RUNNERS, JobSettings, OptionsError
+from pipeline.local_streaming import LocalReadFromPubSub
+from pipeline.options import LOCAL_RUNNERS, LOCAL_STREAMING_RUNNER, JobSettings, OptionsError
 from transforms.dead_letters import WriteDeadLetters
 from transforms.dry_run import WriteDryRun
 from transforms.identify_state import ApplyIdentifyState
+from transforms.json_lines import WINDOW_SECONDS
 from transforms.klaviyo.api_key import ENV_VAR, ApiKeySource
 from transforms.parse import Parse
 from transforms.plan import Clock, Plan
@@ -62,13 +64,21 @@ class PlanCalls(beam.PTransform):
         return ready, dead
 
 
+def settle_seconds(settings: JobSettings) -> float:
+    """How long a local read keeps a message leased after every stage took it: the longest
+    it may wait in a sink batch or a windowed file output before it is written."""
+    return (settings.sink.batch_max_delay_ms / 1000 + settings.sink.max_retry_seconds
+            + WINDOW_SECONDS)
+
+
 def _read(pipeline: beam.Pipeline, settings: JobSettings, runner: str) -> beam.PCollection:
     """The input: Pub/Sub messages (with attributes), or the non-blank lines of files as bytes.
 
     A local runner cannot de-duplicate by attribute (BundleBasedDirectRunner raises
     NotImplementedError for `id_label` once the job runs), so `--input_id_attribute` is refused
     here, before anything starts. Local runs against the emulator get the 10 MB pulls the real
-    endpoint allows (transforms/read.py)."""
+    endpoint allows (transforms/read.py), and local streaming reads with `LocalReadFromPubSub`,
+    which stops without losing what it pulled (pipeline/local_streaming.py)."""
     if settings.source_kind == "files":
         problem = pattern_problem(settings.source)
         if problem:
@@ -79,9 +89,14 @@ def _read(pipeline: beam.Pipeline, settings: JobSettings, runner: str) -> beam.P
             raise OptionsError(f"--input_id_attribute needs Dataflow: the local runner {runner} "
                                f"cannot de-duplicate Pub/Sub messages by attribute")
         lift_emulator_receive_limit()
+    subscription, topic = ((settings.source, None) if settings.source_kind == "subscription"
+                           else (None, settings.source))
     try:
-        read = ReadFromPubSub(**{settings.source_kind: settings.source},
-                              id_label=settings.id_attribute, with_attributes=True)
+        read = (LocalReadFromPubSub(subscription=subscription, topic=topic,
+                                    settle_seconds=settle_seconds(settings))
+                if runner == LOCAL_STREAMING_RUNNER else
+                ReadFromPubSub(subscription=subscription, topic=topic,
+                               id_label=settings.id_attribute, with_attributes=True))
     except ValueError as error:  # a malformed resource name
         raise OptionsError(f"--input_{settings.source_kind} {settings.source}: {error}"
                            ) from None

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from pipeline import version_line
 from transforms.walkeros.config import ConfigError, load_config_file
 
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walkeros-klaviyo",
         description="Deliver walkerOS events to Klaviyo (Apache Beam).")
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser(

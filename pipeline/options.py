@@ -19,6 +19,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 
@@ -33,8 +34,10 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 # Runners that execute in this process; `run` waits for them and prints a summary.
+LOCAL_STREAMING_RUNNER = "BundleBasedDirectRunner"
 LOCAL_RUNNERS = frozenset({"FnApiRunner", "BundleBasedDirectRunner", "DirectRunner",
                            "SwitchingDirectRunner", "PrismRunner"})
+_DIRECT_RUNNERS = frozenset({"DirectRunner", "SwitchingDirectRunner"})
 
 
 class OptionsError(ValueError):
@@ -130,17 +133,35 @@ class KlaviyoOptions(PipelineOptions):
                  "(default 100)")
 
 
+# What `job_settings` requires, as `run --help` marks it (Beam forbids required=True).
+REQUIRED_HELP = {
+    "config": "[required]",
+    "input_subscription": "[required: one input]",
+    "input_topic": "[required: one input]",
+    "input": "[required: one input]",
+    "dead_letter_topic": "[required: one or both]",
+    "dead_letter_path": "[required: one or both]",
+}
+
+
 def help_parser() -> argparse.ArgumentParser:
-    """`walkeros-klaviyo run --help`: our options; Beam's pass through."""
+    """`walkeros-klaviyo run --help`: our options, the required ones marked; Beam's pass
+    through."""
     parser = argparse.ArgumentParser(
         prog="walkeros-klaviyo run",
-        description="Run the Beam pipeline: walkerOS events → Klaviyo calls. Beam's own "
-                    "options (--runner, --streaming, --project, --region, …) pass through; "
-                    "without --runner, local runs use FnApiRunner (batch) or "
-                    "BundleBasedDirectRunner (streaming).")
+        description="Run the Beam pipeline: walkerOS events → Klaviyo calls. Required: "
+                    "--config, one input (--input_subscription, --input_topic or --input) "
+                    "and --dead_letter_topic and/or --dead_letter_path. Beam's own options "
+                    "(--runner, --streaming, --project, --region, …) pass through; without "
+                    "--runner, local runs use FnApiRunner (batch) or BundleBasedDirectRunner "
+                    "(streaming).")
     KlaviyoOptions._add_argparse_args(parser)
+    for action in parser._actions:
+        if action.dest in REQUIRED_HELP:
+            action.help = f"{REQUIRED_HELP[action.dest]} {action.help}"
     parser.add_argument("--dry_run", action="store_true",
                         help="same as --dry_run_output=- (print the planned calls)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     return parser
 
 
@@ -170,22 +191,35 @@ def take_dry_run_flag(argv: Sequence[str]) -> list[str]:
     return rest
 
 
-def unknown_options(argv: Sequence[str]) -> list[str]:
-    """Options no registered options class knows, each with a suggestion when one is close.
+def _raise_options_error(message: str) -> NoReturn:
+    raise OptionsError(message)
 
-    Beam only logs and drops them, which turns a typo such as `--dead_leter_path` into a
-    silently different job."""
+
+def unknown_options(argv: Sequence[str]) -> list[str]:
+    """What no registered options class understands, each with a suggestion when one is close;
+    a value that does not parse (`--batch_max_events=abc`) raises an `OptionsError` with one
+    line instead of argparse's usage text.
+
+    Beam only logs and drops unknown arguments, which turns a typo such as `-dry_run` (one
+    dash) or `--dead_leter_path` into a silently different job: a dry run into a real send."""
     parsers: list[argparse.ArgumentParser] = []
     PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
     parser = parsers[0]
+    parser.error = _raise_options_error  # type: ignore[method-assign]
     _, unknown = parser.parse_known_args(list(argv))
     known = [option for action in parser._actions for option in action.option_strings]
     problems = []
+    after_option = False  # a bare word after an unknown `--name` is taken as its value
     for arg in unknown:
-        if not arg.startswith("--"):
+        if not arg.startswith("-"):
+            if not after_option:
+                problems.append(f"unexpected argument {arg!r}")
+            after_option = False
             continue
-        name = arg.partition("=")[0]
-        close = difflib.get_close_matches(name, known, n=1)
+        name, has_value, _ = arg.partition("=")
+        after_option = not has_value
+        close = difflib.get_close_matches(name if name.startswith("--") else f"-{name}",
+                                          known, n=1)
         problems.append(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close
                                                     else ""))
     return problems
@@ -301,10 +335,12 @@ def pin_local_runner(options: PipelineOptions, *, streaming: bool) -> str:
 
     Beam's default DirectRunner first tries to download Prism (beam.md §1): FnApiRunner is the
     fast batch engine; BundleBasedDirectRunner is the one that runs Pub/Sub and streaming.
+    Beam's DirectRunner runs Pub/Sub on BundleBasedDirectRunner anyway; naming it lets the job
+    use its stoppable read (pipeline/local_streaming.py).
     """
     standard = options.view_as(StandardOptions)
     if streaming:
         standard.streaming = True
-    if standard.runner is None:
-        standard.runner = "BundleBasedDirectRunner" if streaming else "FnApiRunner"
+    if standard.runner is None or (streaming and standard.runner in _DIRECT_RUNNERS):
+        standard.runner = LOCAL_STREAMING_RUNNER if streaming else "FnApiRunner"
     return str(standard.runner)

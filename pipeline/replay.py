@@ -8,9 +8,11 @@ replay plans the same `unique_id` and `time` as the first run did: whatever was 
 skipped by the identify state, and only what was missing arrives.
 
 Sources: dead-letter files (`--dead_letter_path` output, any Beam filesystem: local or gs://),
-or a Pub/Sub subscription on the dead-letter topic (pulled until empty; acknowledged only after
-the replayed copy is written). Targets: a JSON Lines file for `run --input`, or the streaming
-job's input topic.
+or a Pub/Sub subscription on the dead-letter topic (pulled until drained; each dead letter is
+acknowledged only once its replay was published or written, the ones of other stages are handed
+back). Targets: a JSON Lines file for `run --input`, or the streaming job's input topic, with
+the original attributes and ordering key. Input that is not dead letters is refused before
+anything is written.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
+from transforms.dead_letters import STAGES
 from transforms.walkeros.event import fallback_event_id
 
 
@@ -33,6 +36,7 @@ class Replay:
 
     payload: bytes
     attributes: dict[str, str]
+    ordering_key: str | None = None  # the original message's, kept so that order holds
 
 
 def decode_payload(record: dict[str, Any]) -> bytes:
@@ -52,14 +56,19 @@ def _publish_time_ms(record: dict[str, Any]) -> float | None:
 
 def replay_of(record: dict[str, Any]) -> Replay:
     """The message to replay for one dead-letter record (module docstring)."""
-    payload = decode_payload(record)
+    original = decode_payload(record)
     attributes = dict(record.get("attributes") or {})
+    ordering_key = record.get("ordering_key") or None
+    return Replay(_with_planned_id_and_time(original, record), attributes, ordering_key)
+
+
+def _with_planned_id_and_time(payload: bytes, record: dict[str, Any]) -> bytes:
     try:
         event = json.loads(payload)
     except ValueError:
-        return Replay(payload, attributes)  # still not an event: replayed as it was
+        return payload  # still not an event: replayed as it was
     if not isinstance(event, dict):
-        return Replay(payload, attributes)
+        return payload
     changed = False
     if "id" not in event:
         event["id"] = record.get("event_id") or fallback_event_id(event, record.get("message_id"))
@@ -69,15 +78,15 @@ def replay_of(record: dict[str, Any]) -> Replay:
         event["timestamp"] = publish_time
         changed = True
     if not changed:
-        return Replay(payload, attributes)
-    return Replay(json.dumps(event, ensure_ascii=False).encode("utf-8", "surrogatepass"),
-                  attributes)
+        return payload
+    return json.dumps(event, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
-def unique_messages(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def unique_messages(records: Iterable[dict[str, Any]],
+                    seen: set[tuple[Any, ...]] | None = None) -> Iterator[dict[str, Any]]:
     """One record per original message, even when several of its calls were dead-lettered
-    (the replay plans all of them again)."""
-    seen: set[tuple[Any, ...]] = set()
+    (the replay plans all of them again); `seen` carries across calls."""
+    seen = set() if seen is None else seen
     for record in records:
         identity = (record.get("message_id"), record.get("event_id"), record.get("payload"))
         if identity in seen:
@@ -86,81 +95,214 @@ def unique_messages(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any
         yield record
 
 
-def _read_files(pattern: str) -> Iterator[dict[str, Any]]:
+class ReplayError(ValueError):
+    """Replay input that cannot be replayed; the message says which and why."""
+
+
+def check_record(record: Any, where: str) -> dict[str, Any]:
+    """`record` if it is a dead letter this pipeline wrote, else a `ReplayError`."""
+    if not isinstance(record, dict) or record.get("stage") not in STAGES or not isinstance(
+            record.get("payload"), str):
+        raise ReplayError(f"{where} is not a dead letter (a JSON object with a stage "
+                          f"{'/'.join(STAGES)} and a payload)")
+    return record
+
+
+def read_files(pattern: str) -> Iterator[dict[str, Any]]:
+    """Every dead letter in the files matching `pattern`; an error when none match."""
     from apache_beam.io.filesystems import FileSystems
 
-    for match in FileSystems.match([pattern])[0].metadata_list:
+    matches = FileSystems.match([pattern])[0].metadata_list
+    if not matches:
+        raise ReplayError(f"no files match {pattern}")
+    for match in matches:
         with FileSystems.open(match.path) as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{match.path} line {number}"
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise ReplayError(f"{where} is not JSON") from None
+                yield check_record(record, where)
 
 
-def _pull(subscription: str) -> Iterator[tuple[dict[str, Any], Any]]:
-    """(record, ack callback) pairs until the subscription is empty."""
-    import google.cloud.pubsub_v1 as pubsub_v1
+@dataclass(frozen=True)
+class Pulled:
+    """A dead letter pulled from the subscription."""
 
-    subscriber = pubsub_v1.SubscriberClient()
-    while True:
-        response = subscriber.pull(subscription=subscription, max_messages=500, timeout=30)
-        if not response.received_messages:
+    record: dict[str, Any]
+    ack_id: str
+    message_id: str  # the dead-letter message's own id
+
+
+LEASE_SECONDS = 600  # Pub/Sub's longest ack deadline: a skipped message stays out of the way
+EMPTY_PULLS_TO_END = 2  # Pub/Sub may answer a pull empty while messages wait: ask twice
+PULL_TIMEOUT_S = 5.0
+
+
+class SubscriptionSource:
+    """Dead letters pulled from a subscription until it is drained.
+
+    A forwarded dead letter is acknowledged once its replay was written (`forwarded`). One of
+    a stage not asked for stays leased for the rest of the run, so that it is not pulled again
+    and the loop ends, and is handed back (`close`) for a later replay."""
+
+    def __init__(self, subscription: str) -> None:
+        import google.cloud.pubsub_v1 as pubsub_v1
+
+        self.subscription = subscription
+        self.client = pubsub_v1.SubscriberClient()
+        self._skipped: dict[str, str] = {}  # message id → ack id
+
+    def batches(self) -> Iterator[list[Pulled]]:
+        """One list per pull, until pulls come back empty."""
+        from google.api_core.exceptions import DeadlineExceeded
+
+        empty = 0
+        while empty < EMPTY_PULLS_TO_END:
+            try:
+                response = self.client.pull(subscription=self.subscription, max_messages=500,
+                                            timeout=PULL_TIMEOUT_S, retry=None)
+            except DeadlineExceeded:  # nothing came within the timeout
+                empty += 1
+                continue
+            fresh = []
+            for received in response.received_messages:
+                if received.message.message_id in self._skipped:  # back after 600 s
+                    self.skip(received.message.message_id, received.ack_id)
+                else:
+                    fresh.append(received)
+            empty = 0 if fresh else empty + 1
+            if fresh:
+                yield [Pulled(self._record(received), received.ack_id,
+                              received.message.message_id) for received in fresh]
+
+    def _record(self, received: Any) -> dict[str, Any]:
+        where = f"message {received.message.message_id} of {self.subscription}"
+        try:
+            record = json.loads(received.message.data)
+        except ValueError:
+            record = None
+        return check_record(record, where)
+
+    def skip(self, message_id: str, ack_id: str) -> None:
+        self._skipped[message_id] = ack_id
+        self._lease([ack_id])
+
+    def forwarded(self, ack_ids: list[str]) -> None:
+        for start in range(0, len(ack_ids), 1000):
+            self.client.acknowledge(subscription=self.subscription,
+                                    ack_ids=ack_ids[start:start + 1000])
+
+    def close(self, pending: list[str]) -> None:
+        """Hand back what was skipped or not forwarded: available again at once."""
+        self._lease([*self._skipped.values(), *pending], seconds=0)
+
+    def _lease(self, ack_ids: list[str], seconds: int = LEASE_SECONDS) -> None:
+        for start in range(0, len(ack_ids), 1000):
+            self.client.modify_ack_deadline(subscription=self.subscription,
+                                            ack_ids=ack_ids[start:start + 1000],
+                                            ack_deadline_seconds=seconds)
+
+
+class Target:
+    """Where replays go: the streaming job's input topic, or a JSON Lines file."""
+
+    def __init__(self, topic: str | None, output: str | None) -> None:
+        self.topic = topic
+        self._handle: BinaryIO | None = None
+        if topic:
+            import google.cloud.pubsub_v1 as pubsub_v1
+
+            self.publisher = pubsub_v1.PublisherClient(
+                publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
+        else:
+            self._handle = sys.stdout.buffer if output == "-" else open(str(output), "wb")
+        self._futures: list[Any] = []
+
+    def write(self, replay: Replay) -> None:
+        if self._handle is not None:
+            self._handle.write(replay.payload.replace(b"\n", b" ") + b"\n")
             return
-        for received in response.received_messages:
-            def ack(ack_id: str = received.ack_id) -> None:
-                subscriber.acknowledge(subscription=subscription, ack_ids=[ack_id])
-            yield json.loads(received.message.data), ack
+        self._futures.append(self.publisher.publish(
+            self.topic, replay.payload, ordering_key=replay.ordering_key or "",
+            **replay.attributes))
+
+    def flush(self) -> None:
+        """Everything written so far is stored (published, or on disk)."""
+        if self._handle is not None:
+            self._handle.flush()
+        for future in self._futures:
+            future.result()
+        self._futures = []
+
+    def close(self) -> None:
+        self.flush()
+        if self._handle is not None and self._handle is not sys.stdout.buffer:
+            self._handle.close()
 
 
-def main(argv: Sequence[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walkeros-klaviyo replay",
         description="Send dead letters back through the pipeline (see README: Replay).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dead_letters", help="dead-letter files (a glob; local or gs://)")
     source.add_argument("--dead_letter_subscription",
-                        help="projects/P/subscriptions/S on the dead-letter topic")
+                        help="projects/P/subscriptions/S on the dead-letter topic; pulled "
+                             "until drained, each dead letter acknowledged once replayed")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--output", help="JSON Lines file for `run --input` (- for stdout)")
     target.add_argument("--topic", help="projects/P/topics/T: the streaming job's input topic")
-    parser.add_argument("--stage", action="append", dest="stages",
-                        choices=("parse", "plan", "identify_state", "preflight", "sink"),
+    parser.add_argument("--stage", action="append", dest="stages", choices=STAGES,
                         help="replay only these stages (repeatable; default: all)")
-    args = parser.parse_args(argv)
+    return parser
 
-    acks: dict[int, Any] = {}
+
+def _replay(args: argparse.Namespace) -> tuple[int, int]:
+    """(messages replayed, dead letters read of the stages asked for)."""
+    wanted = set(args.stages or STAGES)
+    seen: set[tuple[Any, ...]] = set()
+    replayed = matching = 0
+    target = Target(args.topic, args.output)
     if args.dead_letters:
-        records: Iterable[dict[str, Any]] = _read_files(args.dead_letters)
-    else:
-        pulled = list(_pull(args.dead_letter_subscription))
-        records = [record for record, _ in pulled]
-        acks = {id(record): ack for record, ack in pulled}
+        records = [record for record in read_files(args.dead_letters)
+                   if record["stage"] in wanted]  # all checked before anything is written
+        for record in unique_messages(records, seen):
+            target.write(replay_of(record))
+            replayed += 1
+        target.close()
+        return replayed, len(records)
+    source = SubscriptionSource(args.dead_letter_subscription)
+    pending: list[str] = []
+    try:
+        for batch in source.batches():
+            pending = [pulled.ack_id for pulled in batch if pulled.record["stage"] in wanted]
+            for pulled in batch:
+                if pulled.record["stage"] not in wanted:
+                    source.skip(pulled.message_id, pulled.ack_id)
+                    continue
+                matching += 1
+                for unique in unique_messages([pulled.record], seen):
+                    target.write(replay_of(unique))
+                    replayed += 1
+            target.flush()
+            source.forwarded(pending)  # acknowledged only once their replays are stored
+            pending = []
+        target.close()
+    finally:
+        source.close(pending)
+    return replayed, matching
 
-    if args.topic:
-        import google.cloud.pubsub_v1 as pubsub_v1
 
-        publisher = pubsub_v1.PublisherClient()
-
-        def write(replay: Replay) -> None:
-            publisher.publish(args.topic, replay.payload, **replay.attributes).result()
-        close = None
-    else:
-        handle = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
-
-        def write(replay: Replay) -> None:
-            handle.write(replay.payload.replace(b"\n", b" ") + b"\n")
-        close = handle
-
-    matching = [record for record in records
-                if not args.stages or record.get("stage") in args.stages]
-    replayed = 0
-    for record in unique_messages(matching):
-        write(replay_of(record))
-        replayed += 1
-    if close is not None and close is not sys.stdout.buffer:
-        close.close()
-    for record in matching:  # acknowledged only once replayed; other stages stay queued
-        ack = acks.get(id(record))
-        if ack:
-            ack()
-    print(f"replayed {replayed} message(s) from {len(matching)} dead letter(s)", file=sys.stderr)
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        replayed, matching = _replay(args)
+    except ReplayError as error:
+        print(f"walkeros-klaviyo replay: {error}", file=sys.stderr)
+        return 2
+    print(f"replayed {replayed} message(s) from {matching} dead letter(s)", file=sys.stderr)
     return 0

@@ -7,6 +7,7 @@ runner such as Dataflow is submitted and not waited for, as a Flex Template laun
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
@@ -15,9 +16,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
+from pipeline import version_line
 from pipeline.assembly import build, read_config
+from pipeline.local_streaming import STOP, install_stop_handlers, notify_stderr, settle_leases
 from pipeline.options import (
     LOCAL_RUNNERS,
+    LOCAL_STREAMING_RUNNER,
     OptionsError,
     help_parser,
     job_settings,
@@ -25,7 +29,7 @@ from pipeline.options import (
     take_dry_run_flag,
     unknown_options,
 )
-from transforms.dead_letters import SINK, STAGES
+from transforms.dead_letters import PARSE, PLAN, SINK, STAGES
 from transforms.metrics import COUNTERS, NAMESPACE, dead_letter_counter_name
 from transforms.walkeros.config import ConfigError
 
@@ -43,10 +47,23 @@ def counter_totals(result: PipelineResult) -> dict[str, int]:
     return totals
 
 
+# Where each input record ended: exactly one of these, so they add up to "events in".
+_OUTCOMES = (dead_letter_counter_name(PARSE), dead_letter_counter_name(PLAN), "ignored",
+             "consent", "no_identifier", "events_planned", "identify_only")
+
+
 def print_summary(totals: dict[str, int], out: TextIO) -> None:
-    rows = [(label, totals.get(name, 0)) for name, label in COUNTERS]
-    rows += [(f"dead letters: {stage}", totals.get(dead_letter_counter_name(stage), 0))
-             for stage in STAGES]
+    """The counters of a finished run: first where every input record ended (indented rows
+    that add up to "events in"), then what the later stages did with the planned ones."""
+    labels = dict(COUNTERS) | {dead_letter_counter_name(stage): f"dead letters: {stage}"
+                               for stage in STAGES}
+    rows = [(labels["events_in"], totals.get("events_in", 0))]
+    rows += [(f"  {labels[name]}", totals.get(name, 0)) for name in _OUTCOMES]
+    # ("invalid" is left out: every invalid event is already a parse or plan dead letter.)
+    later = [name for name, _ in COUNTERS if name not in (*_OUTCOMES, "events_in", "invalid")]
+    later += [dead_letter_counter_name(stage) for stage in STAGES
+              if dead_letter_counter_name(stage) not in _OUTCOMES]
+    rows += [(labels[name], totals.get(name, 0)) for name in later]
     by_reason = dead_letter_counter_name(SINK) + "_"
     rows += [(f"  sink, {name.removeprefix(by_reason)}", value)
              for name, value in sorted(totals.items()) if name.startswith(by_reason)]
@@ -59,6 +76,9 @@ def print_summary(totals: dict[str, int], out: TextIO) -> None:
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         help_parser().print_help()
+        return 0
+    if "--version" in argv:
+        print(version_line())
         return 0
     try:
         argv = take_dry_run_flag(argv)
@@ -84,15 +104,53 @@ def main(argv: list[str]) -> int:
     except OptionsError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
-    result = pipeline.run()
     if runner not in LOCAL_RUNNERS:
+        pipeline.run()
         print(f"{PROG}: submitted to {runner}", file=sys.stderr)
         return 0
+    _quiet_local_runner_errors()
+    if runner == LOCAL_STREAMING_RUNNER:
+        install_stop_handlers(STOP, notify_stderr)
+    return _run_locally(pipeline, streaming=settings.streaming)
+
+
+def _quiet_local_runner_errors() -> None:
+    """A failing DoFn makes the local runners log its traceback once per attempt (hundreds of
+    lines); `_run_locally` reports the error in one line instead."""
+    for name in ("apache_beam.runners.common", "apache_beam.runners.direct.executor"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _run_locally(pipeline: beam.Pipeline, *, streaming: bool) -> int:
+    """Run and wait (FnApiRunner runs inside `run`, the direct runner in the background);
+    settle what a local streaming read still leases; a failure is one line."""
     try:
+        result = pipeline.run()
         state = result.wait_until_finish()
-    except KeyboardInterrupt:  # the way to end a local streaming run
-        print(f"{PROG}: stopped", file=sys.stderr)
+    except KeyboardInterrupt:  # a second SIGINT or SIGTERM: quit now
+        released = settle_leases(succeeded=False)
+        print(f"{PROG}: stopped at once; {released} pulled message(s) not acknowledged "
+              f"will be delivered again by the next run", file=sys.stderr)
         return 130
-    if not settings.streaming:
+    except Exception as error:  # noqa: BLE001 - the job failed: one line, no traceback
+        released = settle_leases(succeeded=False)
+        print(f"{PROG}: the job failed: {_first_line(error)}"
+              + (f"; {released} pulled message(s) not acknowledged will be delivered again "
+                 f"by the next run" if streaming else ""), file=sys.stderr)
+        return 1
+    if streaming:
+        acknowledged = settle_leases(succeeded=True)
+        print(f"{PROG}: stopped ({STOP.reason or 'input ended'}); everything pulled was "
+              f"delivered or dead-lettered ({acknowledged} acknowledged at the end)",
+              file=sys.stderr)
+    else:
         print_summary(counter_totals(result), sys.stderr)
     return 0 if state == PipelineState.DONE else 1
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's message, first line: Beam wraps a DoFn's error in its own."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

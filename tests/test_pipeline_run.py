@@ -57,9 +57,24 @@ def test_readme_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert all(d["payload_encoding"] == "utf-8" for d in letters)
 
     assert _summary_value(err, "events in") == 32
+    assert sum(_outcome_rows(err).values()) == 32, "the outcome rows add up to events in"
+    assert _outcome_rows(err)["identify only (a profile, no event)"] == 8
     assert _summary_value(err, "calls written (dry run)") == len(calls) == 19
     assert _summary_value(err, "dead letters: parse") == 2
     assert _summary_value(err, "consent not granted") == 1
+
+
+def _outcome_rows(summary: str) -> dict[str, int]:
+    """The rows indented under "events in": where each input record ended."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("events in  "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("    "):
+            break
+        label, _, value = line.strip().rpartition(" ")
+        rows[label.strip()] = int(value)
+    return rows
 
 
 def _summary_value(summary: str, label: str) -> int:
@@ -134,3 +149,28 @@ def test_beam_options_pass_through() -> None:
                                                ("90m", 5_400), ("45s", 45), ("3600", 3600)])
 def test_parse_duration(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_a_job_that_fails_while_sending_reports_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.klaviyo_server import BULK_EVENTS, Fault, KlaviyoTestServer
+
+    with KlaviyoTestServer(time_scale=60.0) as server:
+        server.inject(BULK_EVENTS, *[Fault.forbidden()] * 50)  # a key without the scope
+        code = cli_main(["run", "--input", EVENTS, "--config", CONFIG,
+                         "--dead_letter_path", str(tmp_path / "dead"),
+                         "--klaviyo_base_url", server.url, "--klaviyo_api_key", server.api_key,
+                         "--rate_limit_scale", "60"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if line.startswith("walkeros-klaviyo run:")]
+    assert line.startswith("walkeros-klaviyo run: the job failed: KlaviyoConfigurationError: ")
+    assert server.api_key not in err
+
+
+def test_streaming_on_the_direct_runner_uses_the_stoppable_read() -> None:
+    for runner in ("DirectRunner", "SwitchingDirectRunner", None):
+        argv = [] if runner is None else ["--runner", runner]
+        assert pin_local_runner(PipelineOptions(argv), streaming=True) == "BundleBasedDirectRunner"
+    assert pin_local_runner(PipelineOptions(["--runner", "DirectRunner"]),
+                            streaming=False) == "DirectRunner"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pipeline.replay import main, replay_of, unique_messages
+from tests.test_pipeline_pubsub import emulator  # noqa: F401 - the emulator fixture
 from transforms.klaviyo.plan import Planner
 
 NOW = 1_764_400_000_000
@@ -58,3 +61,82 @@ def test_replay_files_by_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str
                  "--stage", "sink"]) == 0
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["1"]
     assert "replayed 1 message(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "no files match"),
+    ('{"name": "page view", "id": "1"}\n', "line 1 is not a dead letter"),
+    ("not json\n", "line 1 is not JSON"),
+])
+def test_bad_replay_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           content: str | None, message: str) -> None:
+    if content is not None:
+        (tmp_path / "dead-1.jsonl").write_text(content, encoding="utf-8")
+    out = tmp_path / "replay.jsonl"
+    assert main(["--dead_letters", str(tmp_path / "dead-*"), "--output", str(out)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("walkeros-klaviyo replay: ") and message in line
+    assert not out.exists() or not out.read_bytes()  # nothing replayed
+
+
+def test_replay_from_a_subscription_acks_what_it_forwarded_and_ends(
+        emulator: str, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from google.cloud import pubsub_v1
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    paths = {name: (publisher.topic_path("walkeros-replay", name),
+                    subscriber.subscription_path("walkeros-replay", name))
+             for name in ("dead-letters", "events")}
+    for topic, subscription in paths.values():
+        publisher.create_topic(name=topic)
+        # A short ack deadline: a loop that does not acknowledge sees its messages again.
+        subscriber.create_subscription(name=subscription, topic=topic, ack_deadline_seconds=10)
+    dead_topic, dead_subscription = paths["dead-letters"]
+    sink = [record(json.dumps({"name": "a b", "id": f"s{i}"}).encode(), message_id=f"m{i}",
+                   event_id=f"s{i}") | ({"ordering_key": "user-1"} if i % 2 else {})
+            for i in range(120)]
+    parse = [record(b"{broken", stage="parse", message_id=f"p{i}") for i in range(30)]
+    duplicate = dict(sink[0], stage="preflight")  # another call of the same message
+    for letter in [*sink, *parse, duplicate]:
+        publisher.publish(dead_topic, json.dumps(letter).encode(), stage=letter["stage"]).result()
+
+    events_topic, events_subscription = paths["events"]
+    assert _replay_ends(["--dead_letter_subscription", dead_subscription, "--topic",
+                         events_topic, "--stage", "sink", "--stage", "preflight"]) == 0
+    assert "replayed 120 message(s) from 121 dead letter(s)" in capsys.readouterr().err
+
+    replayed = _drain(subscriber, events_subscription)
+    assert sorted(json.loads(m.data)["id"] for m in replayed) == sorted(f"s{i}" for i in range(120))
+    assert all(m.attributes["src"] == "web" for m in replayed)
+    keys = {json.loads(m.data)["id"]: m.ordering_key for m in replayed}
+    assert keys["s1"] == "user-1" and keys["s2"] == ""
+
+    # Only the parse dead letters are left, at once (handed back, not waiting for a deadline).
+    assert _replay_ends(["--dead_letter_subscription", dead_subscription, "--topic",
+                         events_topic, "--stage", "parse"]) == 0
+    assert "replayed 30 message(s) from 30 dead letter(s)" in capsys.readouterr().err
+    assert not _drain(subscriber, dead_subscription)
+
+
+def _replay_ends(argv: list[str]) -> int | None:
+    """`replay`'s exit code; None if it is still running after a generous deadline (the
+    loop that never ends, issue 10)."""
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    return codes[0] if codes else None
+
+
+def _drain(subscriber: Any, subscription: str) -> list[Any]:
+    """Every message on `subscription`, acknowledged."""
+    messages: list[Any] = []
+    while True:
+        response = subscriber.pull(subscription=subscription, max_messages=500, timeout=5)
+        if not response.received_messages:
+            return messages
+        messages += [received.message for received in response.received_messages]
+        subscriber.acknowledge(subscription=subscription,
+                               ack_ids=[r.ack_id for r in response.received_messages])

@@ -23,6 +23,7 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("no_identifier", "no identifier"),
     ("plan_warnings", "values coerced away (warnings)"),
     ("events_planned", "events planned"),
+    ("identify_only", "identify only (a profile, no event)"),
     ("profiles_planned", "profile upserts planned"),
     ("profiles_unchanged", "profile upserts skipped: unchanged"),
     ("profiles_out_of_order", "profile upserts skipped: older than newest"),

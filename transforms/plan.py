@@ -38,8 +38,7 @@ def route(envelope: Envelope, plan: EventPlan) -> Iterator[PlannedEvent | Tagged
         return
     if plan.warnings:
         counter("plan_warnings").inc(len(plan.warnings))
-    if plan.event is not None:
-        counter("events_planned").inc()
+    counter("events_planned" if plan.event is not None else "identify_only").inc()
     yield PlannedEvent(envelope, plan)
 
 
