@@ -36,9 +36,9 @@ def limiter(
     clock: FakeClock,
     limits: dict[Endpoint, Limit] | None = None,
     scale: float = 1.0,
-    divide_by: int = 1,
+    share: float = 1.0,
 ) -> RateLimiter:
-    return RateLimiter(limits, scale=scale, divide_by=divide_by, clock=clock, sleep=clock.sleep)
+    return RateLimiter(limits, scale=scale, share=share, clock=clock, sleep=clock.sleep)
 
 
 def grant_times(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> list[float]:
@@ -90,19 +90,21 @@ def test_scale_shortens_the_windows() -> None:
     assert times[150] == pytest.approx(1.0)  # a "minute" of a 60x faster test server
 
 
-def test_divide_by_keeps_each_worker_to_its_share() -> None:
+def test_a_share_keeps_each_key_to_its_part_of_the_account_limit() -> None:
     clock = FakeClock()
+    rate_limiter = limiter(clock, share=1 / 4)
 
-    times = grant_times(limiter(clock, divide_by=4), clock, 40)
+    times = grant_times(rate_limiter, clock, 40)
 
     assert most_in_any_window(times, 1.0) == 2  # 10/4 rounds down: never over the share
-    assert most_in_any_window(times, 60.0) <= 37  # 150/4
+    assert most_in_any_window(times, 60.0) == 37  # 150/4 rounds down
+    assert rate_limiter.budget(Endpoint.BULK_EVENTS) == (37.0, 1.0)
 
 
 def test_a_share_below_one_per_window_spaces_requests_out() -> None:
     clock = FakeClock()
 
-    times = grant_times(limiter(clock, divide_by=20), clock, 3)
+    times = grant_times(limiter(clock, share=1 / 20), clock, 3)
 
     assert times == [0.0, 2.0, 4.0]  # 10/20 per second is one request every 2 seconds
 
@@ -190,4 +192,20 @@ def test_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError):
         RateLimiter(scale=0)
     with pytest.raises(ValueError):
-        RateLimiter(divide_by=0)
+        RateLimiter(share=0)
+    with pytest.raises(ValueError):
+        RateLimiter(share=1.5)
+
+
+def test_a_request_that_cannot_be_granted_by_the_deadline_is_not_counted() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(1, 60)})
+    rate_limiter.acquire(Endpoint.BULK_EVENTS)
+
+    refused = rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=0.5)
+    granted = rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=1.0)
+
+    assert refused is None
+    assert clock.now == 1.0  # the refusal did not sleep; the grant waited until the slot
+    assert granted == 1.0  # the refused request took no slot
+    assert rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=1.5) is None

@@ -15,6 +15,9 @@ Klaviyo's rules for bulk events (POST /api/event-bulk-create-jobs):
 
 Bulk profile import (POST /api/profile-bulk-import-jobs) takes up to 10,000 profiles and 5 MB,
 and its errors point at `/data/attributes/profiles/data/<i>`.
+
+A request Klaviyo keeps failing on without naming an entry (a 5xx, a dropped connection) may be
+caused by one payload: `halves` splits a request so the sender can bisect down to it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class Batch(Protocol):
     def calls_at(self, pointer: str) -> tuple[int, ...]: ...
 
     def without(self, indexes: Collection[int]) -> Self | None: ...
+
+    def halves(self) -> tuple[Self, Self] | None:
+        """Two requests with half of the calls each; None for a single call."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,17 @@ class EventBatch:
         )
         return EventBatch(entries) if entries else None
 
+    def halves(self) -> tuple[EventBatch, EventBatch] | None:
+        items = [
+            (index, {**event, "profile": profile})
+            for profile, events in self.entries
+            for index, event in events
+        ]
+        if len(items) < 2:
+            return None
+        middle = len(items) // 2
+        return EventBatch.of(items[:middle]), EventBatch.of(items[middle:])
+
 
 @dataclass(frozen=True)
 class ProfileBatch:
@@ -161,6 +179,36 @@ class ProfileBatch:
     def without(self, indexes: Collection[int]) -> ProfileBatch | None:
         kept = tuple(item for item in self.profiles if item[0] not in indexes)
         return ProfileBatch(kept) if kept else None
+
+    def halves(self) -> tuple[ProfileBatch, ProfileBatch] | None:
+        if len(self.profiles) < 2:
+            return None
+        middle = len(self.profiles) // 2
+        return ProfileBatch(self.profiles[:middle]), ProfileBatch(self.profiles[middle:])
+
+
+@dataclass(frozen=True)
+class SingleCall:
+    """One request carrying one call (a profile-import upsert): sent as it is, never split."""
+
+    index: int
+    request_body: Json
+
+    @property
+    def indexes(self) -> list[int]:
+        return [self.index]
+
+    def body(self) -> Json:
+        return self.request_body
+
+    def calls_at(self, pointer: str) -> tuple[int, ...]:
+        return ()  # an error of a single call is that call's: no entry to isolate
+
+    def without(self, indexes: Collection[int]) -> SingleCall | None:
+        return None if self.index in indexes else self
+
+    def halves(self) -> None:
+        return None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
 - No default timeout (calls can hang for ever): every request gets `(connect, read)` timeouts.
 - A narrow retry (no 500/502, timeouts or dropped connections; no deadline): it is switched off
   with `max_retries=1` and the `*_with_http_info` variants, which the SDK never wraps in its
-  retry anyway; retry.py does the retrying.
+  retry anyway. urllib3's default `Retry(3)` under it (connection errors, and every error of a
+  GET, retried unseen) is replaced by `Retry(0)`: one request per attempt, so the sender is the
+  only retry layer and every attempt is counted.
 - Response models that fail validation after a successful write: responses come back as plain
   dicts (`USE_DICTIONARY_FOR_RESPONSE_DATA`).
 - Exceptions whose text includes response headers, and an SDK object whose repr prints the API
@@ -23,6 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from klaviyo_api import KlaviyoAPI
 from openapi_client.api_arg_options import USE_DICTIONARY_FOR_RESPONSE_DATA
+from openapi_client.rest import RESTClientObject
+from urllib3.util import Retry
 
 from transforms.klaviyo.errors import CALL_EXCEPTIONS, KlaviyoCallError, classify
 
@@ -59,6 +63,10 @@ class KlaviyoClient:
             test_host=test_host,
             options={USE_DICTIONARY_FOR_RESPONSE_DATA: True},
         )
+        # The pool is built in the constructor: rebuild it without urllib3's retries (spec §1.3:
+        # also no Retry-After handling of its own that could swallow a 429).
+        self._sdk.configuration.retries = Retry(total=0, respect_retry_after_header=False)
+        self._sdk.api_client.rest_client = RESTClientObject(self._sdk.configuration)
         # Each SDK property access builds a new API object; build them once.
         self._events = self._sdk.Events
         self._profiles = self._sdk.Profiles

@@ -1,8 +1,8 @@
-"""Client-side rate limiting per Klaviyo endpoint family, shared by the threads of one process.
+"""Client-side rate limiting per Klaviyo endpoint family, for one sender of the account.
 
 Klaviyo counts requests per account in fixed windows: a burst window of one second and a steady
 window of one minute, per endpoint family. Staying under both is cheaper than collecting 429s, so
-every request first calls `RateLimiter.acquire(endpoint)`.
+every request first calls `RateLimiter.acquire(endpoint, deadline=...)`.
 
 Each window is enforced as a sliding window ("at most n requests in any `seconds`-long span"),
 which implies at most n in every fixed window Klaviyo may use, whatever its alignment.
@@ -12,15 +12,21 @@ Knobs:
 - `scale`: all limits are `scale` times higher. It is applied by shortening the windows, so a
   test server whose clock runs `scale` times faster is matched exactly, and bursts against a
   raised-limit account stay spread out.
-- `divide_by`: the number of processes (workers) sharing the account's quota; each process keeps
-  to its share.
+- `share`: the fraction of the account's limits this limiter may use. The sink builds one
+  limiter per `lane/shard` key with `share = 1 / shards`: a key is processed serially wherever
+  the runner puts it, so the keys together never exceed the account's limits, on one process or
+  on a hundred, and they reach them when every key has work. Dividing by a worker count instead
+  is wrong both ways (workers run several SDK processes; only those hosting keys send).
+
+`acquire` never waits past the caller's `deadline`: a request that could not be granted by then
+is not counted and the caller keeps it for later, so no flush sleeps for minutes.
 
 Every 429 pauses the endpoint for Retry-After. A lone 429 is expected now and then even when
 every limit is kept: the limiter counts a request when it grants it, Klaviyo when it arrives, and
 the SDK's validation and serialization in between take from 0.1 s to over a second when threads
 compete for the CPU, so a fixed window of Klaviyo's can catch one request too many. Such a 429
 costs only the pause: that window was full anyway. When 429s keep coming (another client shares
-the account, or workers outnumber `divide_by`) the limiter also halves its rate, and each success
+the account, or a share is set too high) the limiter also halves its rate, and each success
 wins back a little. "Keep coming" means a 429 for a request granted after an earlier 429 that is
 less than a steady window old. The 429s of requests that were in flight together count once:
 otherwise four threads meeting one full window would cut the rate to a sixteenth.
@@ -96,12 +102,14 @@ def _whole_requests(count: float, seconds: float) -> tuple[int, float]:
 
 
 class _EndpointLimiter:
-    def __init__(self, limit: Limit, scale: float, divide_by: int) -> None:
+    def __init__(self, limit: Limit, scale: float, share: float) -> None:
         self.lock = threading.Lock()
         self.windows = (
-            _Window(limit.burst_per_second / divide_by, 1.0 / scale),
-            _Window(limit.steady_per_minute / divide_by, 60.0 / scale),
+            _Window(limit.burst_per_second * share, 1.0 / scale),
+            _Window(limit.steady_per_minute * share, 60.0 / scale),
         )
+        count, seconds = _whole_requests(limit.steady_per_minute * share, 60.0 / scale)
+        self.allowed_per_minute = count * 60.0 / seconds  # real minutes, after rounding down
         self.factor = 1.0
         self.paused_until = -math.inf
         self.throttled_at = -math.inf  # when the latest 429 came back
@@ -109,31 +117,32 @@ class _EndpointLimiter:
 
 
 class RateLimiter:
-    """Blocks callers just long enough to keep each endpoint family under its limits."""
+    """Blocks callers just long enough to keep each endpoint family under its share of the
+    account's limits; safe to share between threads."""
 
     def __init__(
         self,
         limits: Mapping[Endpoint, Limit] | None = None,
         *,
         scale: float = 1.0,
-        divide_by: int = 1,
+        share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if scale <= 0 or divide_by < 1:
-            raise ValueError(f"need scale > 0 and divide_by >= 1, got {scale=} {divide_by=}")
+        if scale <= 0 or not 0 < share <= 1:
+            raise ValueError(f"need scale > 0 and 0 < share <= 1, got {scale=} {share=}")
         merged = {**PUBLISHED_LIMITS, **(limits or {})}
         self._endpoints = {
-            endpoint: _EndpointLimiter(limit, scale, divide_by)
-            for endpoint, limit in merged.items()
+            endpoint: _EndpointLimiter(limit, scale, share) for endpoint, limit in merged.items()
         }
         self._clock = clock
         self._sleep = sleep
 
-    def acquire(self, endpoint: Endpoint) -> float:
+    def acquire(self, endpoint: Endpoint, *, deadline: float | None = None) -> float | None:
         """Wait until a request to `endpoint` may go out and count it.
 
-        Returns the time it was granted at, on the limiter's clock: `throttled` needs it.
+        Returns the time it was granted at, on the limiter's clock (`throttled` needs it), or
+        None, counting nothing, when it could not be granted by `deadline` (same clock).
         """
         state = self._endpoints[endpoint]
         while True:
@@ -147,7 +156,16 @@ class RateLimiter:
                     for window in state.windows:
                         window.record(now)
                     return now
+            if deadline is not None and now + wait > deadline:
+                return None
             self._sleep(wait)
+
+    def budget(self, endpoint: Endpoint) -> tuple[float, float]:
+        """(requests per real minute this limiter may grant, the share of it in use now: below
+        1 while it backs off after repeated 429s); the sender reports both as gauges."""
+        state = self._endpoints[endpoint]
+        with state.lock:
+            return state.allowed_per_minute, state.factor
 
     def throttled(self, endpoint: Endpoint, retry_after: float | None, granted_at: float) -> None:
         """Klaviyo answered 429 to a request `acquire` granted at `granted_at`: pause the
