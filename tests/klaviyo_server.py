@@ -122,7 +122,7 @@ class LoggedRequest:
     size: int  # body bytes as received
     unique_ids: tuple[str, ...] = ()  # of the events in the body
     profiles: tuple[str, ...] = ()  # email (else external_id) of each profile in the body
-    job_id: str = ""  # the import job a GET asked about
+    job_id: str = ""  # the import job a GET asked about, or a bulk import created
     job_status: str = ""  # the status answered for it
 
 
@@ -278,6 +278,8 @@ class KlaviyoTestServer:
         route, job_id = _route(method, urlsplit(path).path)
         answer, fault = self._decide(route, job_id, path, headers, raw)
         events, unique_ids, profiles = _contents(route, raw)
+        if route == BULK_PROFILE_IMPORT and answer.status == 202:
+            job_id = str(_dig(answer.body, "data", "id"))
         job_status = _dig(answer.body, "data", "attributes", "status") if job_id else ""
         with self._lock:
             self.log.append(

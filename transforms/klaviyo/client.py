@@ -91,6 +91,10 @@ class KlaviyoClient:
         """GET /api/profile-bulk-import-jobs/{id}: the job and its `status`."""
         return self._call(self._profiles.get_bulk_import_profiles_job_with_http_info, job_id)
 
+    def check_key(self) -> Response:
+        """GET /api/profiles with one profile: the cheapest authenticated read (a key check)."""
+        return self._call(self._profiles.get_profiles_with_http_info, page_size=1)
+
     def get_import_errors(self, job_id: str, page_cursor: str | None = None) -> Response:
         """One page of GET /api/profile-bulk-import-jobs/{id}/import-errors.
 
