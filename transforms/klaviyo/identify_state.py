@@ -12,8 +12,9 @@ one event "newest" for years and freeze the profile. An event whose timestamp Kl
 (D6: before 2000-01-01 or more than a year after the reference) has no ordering time: it never
 moves the key's newest time, so it cannot freeze the profile. Its upsert is still planned when
 its body changed (Klaviyo takes upserts at any time; only the event call is dead-lettered, at
-`preflight`), ordered at the sink by the earlier of its timestamp and the reference. Its own
-timestamp still makes it OLDER than the newest event seen (a 1969 event never overwrites).
+`preflight`). At the sink it ranks below every upsert with a trustworthy time (as if from before
+2000), so it is sent only when none competes with it. Its own timestamp still makes it OLDER than
+the newest event seen (a 1969 event never overwrites).
 
 **The verdicts**: CHANGED (the body differs from the last one planned and is not older: send it),
 UNCHANGED (equal to the last one planned: passed on as a *hint*), OLDER (older than the newest
@@ -64,9 +65,9 @@ def ordering_time(timestamp_ms: float, reference_ms: float, max_skew_ms: float) 
 
 def sink_order(timestamp_ms: float, reference_ms: float, max_skew_ms: float) -> float:
     """The time the sink orders this event's upsert by: its ordering time, or for an event out
-    of range the earlier of its timestamp and the reference."""
+    of range a time before every trustworthy one (module docstring)."""
     order_ms = ordering_time(timestamp_ms, reference_ms, max_skew_ms)
-    return min(timestamp_ms, reference_ms) if order_ms is None else order_ms
+    return min(timestamp_ms, EARLIEST_TIME_MS - 1) if order_ms is None else order_ms
 
 
 def body_digest(body: dict[str, object]) -> bytes:

@@ -1,0 +1,198 @@
+"""Profiles end right in Klaviyo (issue 8), against the local Klaviyo test server with faults on:
+a shuffled backfill of users changing attributes, a client clock in microseconds, `null`
+clearing a field however many upserts share a flush, each event's upsert accepted before the
+event, and a flush that keeps to its budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pytest
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+from apache_beam.testing.test_stream import TestStream as EventStream
+from apache_beam.transforms.window import TimestampedValue
+
+from bench.backfill import CONFIG, generate, run_command, write_inputs, wrong_profiles
+from pipeline.assembly import PlanCalls
+from pipeline.cli import main as cli_main
+from pipeline.replay import replay_of
+from tests.klaviyo_server import (
+    BULK_EVENTS,
+    BULK_PROFILE_IMPORT,
+    IMPORT_JOB,
+    PROFILE_IMPORT,
+    Fault,
+    KlaviyoTestServer,
+)
+from tests.test_sink import run_batch, settings
+from transforms.elements import Envelope, OutgoingEvent
+from transforms.klaviyo.plan import Call
+from transforms.klaviyo.wire import CREATE_OR_UPDATE_PROFILE
+from transforms.sink import SendToKlaviyo
+
+pytest_plugins = ["tests.conftest_klaviyo"]
+
+
+def _dead_letters(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for path in sorted(directory.glob("dead*"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _faults() -> list[Fault]:
+    return [Fault.error(503), Fault.drop_after_write(), Fault.error(500), Fault.throttle(1),
+            Fault.error(502)]
+
+
+@pytest.mark.parametrize("bulk_threshold", [100, 3], ids=["profile_import", "bulk_import"])
+def test_a_shuffled_backfill_ends_with_every_users_newest_profile(
+        klaviyo_server: KlaviyoTestServer, tmp_path: Path, bulk_threshold: int) -> None:
+    events, truth = generate(600, 40, seed=11)
+    events_path, config_path = write_inputs(tmp_path, events)
+    for route in (PROFILE_IMPORT, BULK_PROFILE_IMPORT, IMPORT_JOB, BULK_EVENTS):
+        klaviyo_server.inject(route, *_faults())
+    command = run_command(klaviyo_server, events_path, config_path, tmp_path / "dead",
+                          "--profile_bulk_threshold", str(bulk_threshold))
+    assert cli_main(command) == 0
+    assert _dead_letters(tmp_path) == []
+    stored = klaviyo_server.stored_unique_ids()
+    assert sorted(stored) == sorted(event["id"] for event in events)  # each stored once
+    assert wrong_profiles(klaviyo_server, truth) == []
+
+
+def _login(event_id: str, timestamp_ms: float, first_name: str) -> dict[str, Any]:
+    return {"name": "user login", "id": event_id, "timestamp": timestamp_ms,
+            "user": {"id": "u-clock", "email": "clock@example.org"},
+            "data": {"firstName": first_name, "lastName": "Rao", "plan": "pro", "city": "Rome"}}
+
+
+def test_a_microsecond_timestamp_does_not_freeze_the_profile(
+        klaviyo_server: KlaviyoTestServer, tmp_path: Path) -> None:
+    start = 1_764_000_000_000
+    events = [_login("a", start, "First"), _login("b", start * 1000 + 5, "Bogus"),
+              _login("c", start + 60_000, "Second"), _login("d", start + 120_000, "Newest")]
+    events_path, config_path = write_inputs(tmp_path, events)
+    assert cli_main(run_command(klaviyo_server, events_path, config_path,
+                                tmp_path / "dead")) == 0
+    assert klaviyo_server.profile(external_id="u-clock")["first_name"] == "Newest"
+    dead = _dead_letters(tmp_path)
+    assert [(d["event_id"], d["stage"]) for d in dead] == [("b", "preflight")]  # its event
+
+
+def _upsert(index: int, properties: dict[str, Any]) -> OutgoingEvent:
+    email = f"null{index}@example.org"
+    body = {"data": {"type": "profile", "attributes": {"email": email, "first_name": "N",
+                                                       "properties": properties}}}
+    return OutgoingEvent(Envelope(b"{}"), f"p-{index}", email, 1.7e12,
+                         Call(CREATE_OR_UPDATE_PROFILE, body), profile_changed=True)
+
+
+@pytest.mark.parametrize("count", [5, 500])
+def test_null_clears_a_field_however_many_upserts_share_a_flush(
+        klaviyo_server: KlaviyoTestServer, count: int) -> None:
+    sink = settings(klaviyo_server, shards=1)
+    assert run_batch([_upsert(i, {"tier": "gold", "seen": 1}) for i in range(count)], sink) == []
+    assert klaviyo_server.profile(email="null0@example.org")["properties"]["tier"] == "gold"
+    assert run_batch([_upsert(i, {"tier": None}) for i in range(count)], sink) == []
+    for index in range(count):
+        stored = klaviyo_server.profile(email=f"null{index}@example.org")
+        assert stored["properties"] == {"seen": 1}, stored
+    # the first run, without nulls, went as bulk import jobs when there were many
+    bulk = klaviyo_server.statuses(BULK_PROFILE_IMPORT)
+    assert (len(bulk) > 0) == (count > 100)
+
+
+def test_each_events_upsert_is_accepted_before_the_event(
+        klaviyo_server: KlaviyoTestServer, tmp_path: Path) -> None:
+    events, _ = generate(300, 12, seed=5)
+    events_path, config_path = write_inputs(tmp_path, events)
+    klaviyo_server.inject(PROFILE_IMPORT, Fault.error(503), Fault.drop_after_write())
+    assert cli_main(run_command(klaviyo_server, events_path, config_path,
+                                tmp_path / "dead")) == 0
+    accepted_upsert: dict[str, int] = {}  # profile → seq of its first accepted upsert
+    for entry in klaviyo_server.requests(PROFILE_IMPORT):
+        if entry.status in (200, 201):
+            for profile in entry.profiles:
+                accepted_upsert.setdefault(profile, entry.seq)
+    stored_at: dict[str, int] = {}  # unique id → seq of the request that stored it
+    for entry in klaviyo_server.requests(BULK_EVENTS):
+        if entry.status == 202:
+            for unique_id in entry.unique_ids:
+                stored_at.setdefault(unique_id, entry.seq)
+    with_upsert = [event for event in events if event["name"] != "product view"]
+    assert with_upsert
+    for event in with_upsert:
+        profile = event["user"]["email"]
+        assert accepted_upsert[profile] < stored_at[event["id"]], event["id"]
+
+
+# --- streaming: an outage of the profile endpoints, healed, and the dead letters replayed ------
+
+_STREAM: dict[str, Any] = {}  # the test's server and what the pipeline dead-lettered
+
+
+def _collect(record: Any) -> None:
+    _STREAM["dead"].append(record.to_json())
+
+
+def _heal_when_the_replay_arrives(outgoing: OutgoingEvent) -> OutgoingEvent:
+    """Klaviyo comes back before the first replayed event reaches the sink (the same process
+    runs the pipeline: BundleBasedDirectRunner)."""
+    if outgoing.envelope.attributes.get("replay"):
+        _STREAM["server"].clear_faults()
+    return outgoing
+
+
+def test_a_streaming_outage_healed_and_replayed_ends_with_every_profile_newest(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    """Profile endpoints fail past the retry deadline; the upsert dead letters carry the newest
+    body of each user; replayed into the running job (whose identify state calls them
+    unchanged), they are sent, and a later change is sent too."""
+    events, truth = generate(120, 8, seed=3)
+    events.sort(key=lambda event: event["timestamp"])
+    identify = [event for event in events if event["name"] != "product view"]
+    newest = {event["user"]["id"]: event for event in identify}  # the last one per user wins
+    later = dict(identify[-1], id="later", timestamp=identify[-1]["timestamp"] + 1000,
+                 data={**identify[-1]["data"], "firstName": "Later"})
+    truth[later["user"]["id"]] = {**truth[later["user"]["id"]], "firstName": "Later"}
+    _STREAM.update(server=klaviyo_server, dead=[])
+    klaviyo_server.inject(PROFILE_IMPORT, *[Fault.error(503)] * 100_000)
+
+    def stamped(event: dict[str, Any], **attributes: str) -> TimestampedValue:
+        message = PubsubMessage(json.dumps(event).encode(), attributes)
+        return TimestampedValue(message, event["timestamp"] / 1000)
+
+    stream = EventStream().add_elements([stamped(event) for event in events])
+    for _ in range(5):
+        stream.advance_processing_time(10)  # flushes: the upserts fail until their deadline
+    # what `replay` publishes for the upsert dead letters: the original events, ids and times
+    # kept (replay_of), marked so that the test knows them
+    replays = [json.loads(replay_of({"payload": json.dumps(event)}).payload)
+               for event in newest.values()]
+    stream.add_elements([stamped(event, replay="1") for event in [*replays, later]])
+    for _ in range(5):
+        stream.advance_processing_time(10)
+    stream.advance_watermark_to(later["timestamp"] / 1000 + 3600)
+    stream.advance_watermark_to_infinity()
+    sink = settings(klaviyo_server, shards=2, max_retry_seconds=0.5, flush_budget_seconds=2.0,
+                    batch_max_delay_ms=5000)
+    pipeline = beam.Pipeline(runner=BundleBasedDirectRunner(),
+                             options=PipelineOptions(["--streaming"]))
+    calls, _ = pipeline | stream | PlanCalls(CONFIG, ttl_seconds=86_400,
+                                             clock=lambda: later["timestamp"] / 1000)
+    (calls | beam.Map(_heal_when_the_replay_arrives)
+     | SendToKlaviyo(sink, clock=lambda: 0.0) | beam.Map(_collect))
+    pipeline.run().wait_until_finish()
+
+    dead_upserts = {d["event_id"] for d in _STREAM["dead"]
+                    if d["call"]["method"] == CREATE_OR_UPDATE_PROFILE}
+    # the outage was real: upserts died, among them users' newest (the bodies that the identify
+    # state calls unchanged when replayed), and every dead letter has what replay needs
+    assert dead_upserts & {event["id"] for event in newest.values()}
+    assert all(d["payload"] and d["call"]["body"] for d in _STREAM["dead"])
+    assert not [d for d in _STREAM["dead"] if d["attributes"].get("replay")]
+    assert wrong_profiles(klaviyo_server, truth) == []
