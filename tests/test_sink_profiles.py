@@ -29,11 +29,16 @@ from tests.klaviyo_server import (
     Fault,
     KlaviyoTestServer,
 )
-from tests.test_sink import run_batch, settings
+from tests.test_sink import event_call, run_batch, settings
 from transforms.elements import Envelope, OutgoingEvent
+from transforms.klaviyo.client import KlaviyoClient
+from transforms.klaviyo.flush import ProfileMemory
 from transforms.klaviyo.plan import Call
+from transforms.klaviyo.rate_limit import RateLimiter
+from transforms.klaviyo.retry import Retrier
+from transforms.klaviyo.sender import KlaviyoSender
 from transforms.klaviyo.wire import CREATE_OR_UPDATE_PROFILE
-from transforms.sink import SendToKlaviyo
+from transforms.sink import Flush, SendToKlaviyo, Tally, Task, Work
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 
@@ -196,3 +201,51 @@ def test_a_streaming_outage_healed_and_replayed_ends_with_every_profile_newest(
     assert all(d["payload"] and d["call"]["body"] for d in _STREAM["dead"])
     assert not [d for d in _STREAM["dead"] if d["attributes"].get("replay")]
     assert wrong_profiles(klaviyo_server, truth) == []
+
+
+class _FakeClock:
+    """Time that moves only when someone waits: what a flush spends is what it waited."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+def test_a_flush_keeps_to_its_budget_and_the_retry_deadline_spans_flushes(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    """Klaviyo keeps failing: each flush stops waiting at its budget and keeps the calls; the
+    call becomes a dead letter once `max_retry_seconds` have passed since its first attempt,
+    across flushes, with its last error."""
+
+    clock = _FakeClock()
+    klaviyo_server.inject(PROFILE_IMPORT, *[Fault.error(503)] * 10_000)
+    klaviyo_server.inject(BULK_EVENTS, *[Fault.error(500)] * 10_000)
+    client = KlaviyoClient(klaviyo_server.api_key, test_host=klaviyo_server.url)
+    tally = Tally()
+    sender = KlaviyoSender(client, RateLimiter(scale=60, share=0.5, clock=clock,
+                                               sleep=clock.sleep),
+                           Retrier(clock=clock, sleep=clock.sleep), tally)
+    sink = settings(klaviyo_server, flush_budget_seconds=5.0, max_retry_seconds=12.0)
+    upsert = _upsert(1, {"tier": "gold"})
+    work = Work([Task.of(upsert), Task.of(event_call(2))])
+    memory = ProfileMemory()
+    spent = []
+    dead: list[Any] = []
+    while work.tasks:
+        flush = Flush(sender, sink, tally, now=clock, monotonic=clock)
+        started = clock.now
+        work = flush.run(work, memory)
+        spent.append(clock.now - started)
+        dead += flush.dead
+        clock.sleep(1.0)  # the timer that runs the next flush
+    assert max(spent) <= sink.flush_budget_seconds
+    assert len(spent) >= 3  # the deadline spanned flushes
+    assert sorted(d.call.method for d in dead) == ["create_event", "create_or_update_profile"]
+    assert all("503" in d.reason or "500" in d.reason for d in dead)
+    assert tally.throttled_seconds > 0  # the back-off was counted as throttling
+    assert memory.failed(upsert.profile_key or "")
