@@ -26,7 +26,7 @@ from transforms.klaviyo.errors import KlaviyoConfigurationError
 from transforms.klaviyo.plan import Call
 from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
 from transforms.metrics import dead_letter_reason_counter_name
-from transforms.sink import SendToKlaviyo, SinkSettings, literal_key_problem, shard_key
+from transforms.sink import SendToKlaviyo, SinkSettings, shard_key
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 TIME = "2026-11-28T10:00:00.000Z"
@@ -206,11 +206,3 @@ def test_a_profiles_upserts_and_events_share_a_stable_key() -> None:
     assert shard_key(event_call(1, email="user1@example.org"), 8) == shard_key(profile_call(1), 8)
     assert shard_key(event_call(1, email="a@x.org"), 8) == f"shard/{zlib.crc32(b'a@x.org') % 8}"
 
-
-def test_literal_keys_are_refused_on_dataflow() -> None:
-    literal = SinkSettings(ApiKeySource(literal="pk_x"))
-    assert literal_key_problem(literal, "DataflowRunner")
-    assert literal_key_problem(literal, "FnApiRunner") is None
-    secret = SinkSettings(ApiKeySource(secret_version="projects/p/secrets/k/versions/latest"))
-    assert literal_key_problem(secret, "DataflowRunner") is None
-    assert "pk_x" not in repr(literal)

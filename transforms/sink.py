@@ -628,11 +628,3 @@ class SendToKlaviyo(beam.PTransform):
                 | "send" >> beam.ParDo(_SendFlushes(self._settings, streaming=streaming,
                                                     clock=self._clock)))
 
-
-def literal_key_problem(settings: SinkSettings, runner: Any) -> str | None:
-    """Why a run must not start: a literal key would be stored in a Dataflow job's graph."""
-    if settings.api_key.has_literal_only and "Dataflow" in str(runner or ""):
-        return ("on Dataflow the API key must come from --klaviyo_api_key_secret (Secret "
-                "Manager) or the workers' KLAVIYO_API_KEY; a key in options or in the config "
-                "would be stored in the job graph")
-    return None
