@@ -263,6 +263,7 @@ class Flush:
         self._now = now
         self._monotonic = monotonic
         self.dead: list[DeadLetterRecord] = []
+        self.settled = 0  # calls settled so far: delivered, dead or not needed
 
     def run(self, work: Work, memory: ProfileMemory) -> Work:
         """One budgeted pass; the work left for the next flush."""
@@ -282,9 +283,9 @@ class Flush:
         """Flush until nothing is left (the end of the window: no timer can come after it).
         Every call ends: delivered, or dead at its retry deadline."""
         while work.tasks or work.jobs:
-            before = self._tally.counts["sink_progress"]
+            before = self.settled
             work = self.run(work, memory)
-            if (work.tasks or work.jobs) and self._tally.counts["sink_progress"] == before:
+            if (work.tasks or work.jobs) and self.settled == before:
                 sleep(RETRY_SECONDS)  # nothing settled: a job still running, or a pause
 
     # -- upserts
@@ -322,7 +323,7 @@ class Flush:
         for index, why in plan.settle.items():
             waiting[index].profile = None
             self._tally.count(f"profiles_{why}")
-            self._tally.count("sink_progress")
+            self.settled += 1
         chosen = [waiting[index] for index in plan.send]
         bulk, single = split_for_import([_body(t.profile) for t in chosen],
                                         self._settings.profile_bulk_threshold)
@@ -361,7 +362,7 @@ class Flush:
             if not task.outgoing.profile_changed:
                 self._tally.count("profiles_repaired")  # a hint sent for a dead-lettered one
             task.profile = None
-            self._tally.count("sink_progress")
+            self.settled += 1
             return True
         if isinstance(outcome, DeadLetter):
             self._dead(task, task.profile, outcome.reason, outcome.failure)
@@ -399,7 +400,7 @@ class Flush:
             assert task.event is not None
             if isinstance(outcome, Delivered):
                 self._tally.count("events_delivered")
-                self._tally.count("sink_progress")
+                self.settled += 1
                 task.event = None
             elif isinstance(outcome, DeadLetter):
                 self._dead(task, task.event, outcome.reason, outcome.failure)
@@ -431,7 +432,7 @@ class Flush:
 
     def _dead(self, task: Task, call: Call, reason: str, failure: CallFailure) -> None:
         self._tally.count(dead_letter_reason_counter_name(SINK, failure.label))
-        self._tally.count("sink_progress")
+        self.settled += 1
         self.dead.append(DeadLetterRecord(SINK, reason, self._now() * 1000,
                                           task.outgoing.envelope, task.outgoing.event_id, call))
 
