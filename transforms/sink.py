@@ -265,14 +265,17 @@ class Flush:
         self.dead: list[DeadLetterRecord] = []
         self.settled = 0  # calls settled so far: delivered, dead or not needed
 
-    def run(self, work: Work, memory: ProfileMemory) -> Work:
-        """One budgeted pass; the work left for the next flush."""
+    def run(self, work: Work, memory: ProfileMemory, *, final: bool = False) -> Work:
+        """One budgeted pass; the work left for the next flush. `final`: the last flush of a
+        window, where events wait until every upsert of the key is settled and then go in as
+        few requests as possible (nobody waits for them sooner)."""
         deadline = self._monotonic() + self._settings.flush_budget_seconds
         self._tally.count("sink_flushes")
         jobs = self._poll_jobs(work, memory, deadline)
         busy = {key for _, keys in jobs for key in keys}
         self._send_upserts(work.tasks, memory, busy, deadline, jobs)
-        self._send_events(work.tasks, deadline)
+        if not final or not any(t.profile is not None for t in work.tasks):
+            self._send_events(work.tasks, deadline)
         memory.prune(self._now(), accepted_horizon_s=ACCEPTED_MEMORY_SECONDS,
                      failed_horizon_s=self._settings.failed_memory_seconds)
         return Work([t for t in work.tasks if t.profile is not None or t.event is not None],
@@ -284,7 +287,7 @@ class Flush:
         Every call ends: delivered, or dead at its retry deadline."""
         while work.tasks or work.jobs:
             before = self.settled
-            work = self.run(work, memory)
+            work = self.run(work, memory, final=True)
             if (work.tasks or work.jobs) and self.settled == before:
                 sleep(RETRY_SECONDS)  # nothing settled: a job still running, or a pause
 
