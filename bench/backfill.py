@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.events:,} events, {len(truth):,} users with identify events, code {code}")
         for route, count in sorted(routes.items()):
             print(f"  {route:<55} {count:>7,}")
-        print(f"requests per 1,000 events: {1000 * requests / args.events:.1f}; profile upserts "
+        print(f"requests per 1,000 events: {1000 * requests / args.events:.2f}; profile upserts "
               f"sent: {upserts_sent(server):,}; users whose final profile is not their newest "
               f"values: {len(wrong):,}")
     return 0

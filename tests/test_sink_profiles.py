@@ -249,3 +249,33 @@ def test_a_flush_keeps_to_its_budget_and_the_retry_deadline_spans_flushes(
     assert all("503" in d.reason or "500" in d.reason for d in dead)
     assert tally.throttled_seconds > 0  # the back-off was counted as throttling
     assert memory.failed(upsert.profile_key or "")
+
+
+def test_upserts_reaching_the_sink_in_any_order_leave_the_newest(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    """A shuffle keeps no order: five bodies per profile arrive shuffled, across several
+    streaming flushes; Klaviyo ends with each profile's newest, and never gets an older body
+    after a newer one was accepted."""
+    import random
+
+    rng = random.Random(4)
+    upserts = [OutgoingEvent(Envelope(b"{}"), f"p-{user}-{version}", f"o{user}@example.org",
+                             1.7e12 + version * 1000,
+                             Call(CREATE_OR_UPDATE_PROFILE, {"data": {"type": "profile",
+                                  "attributes": {"email": f"o{user}@example.org",
+                                                 "first_name": f"v{version}"}}}),
+                             profile_changed=True)
+               for user in range(20) for version in range(5)]
+    rng.shuffle(upserts)
+    stream = EventStream()
+    for start in range(0, len(upserts), 10):
+        stream.add_elements(upserts[start:start + 10])
+        stream.advance_processing_time(6)  # past batch_max_delay_ms: a flush
+    stream.advance_watermark_to(10**6)
+    stream.advance_watermark_to_infinity()
+    sink = settings(klaviyo_server, shards=2, batch_max_delay_ms=5000)
+    with beam.Pipeline(runner=BundleBasedDirectRunner(),
+                       options=PipelineOptions(["--streaming"])) as pipeline:
+        _ = pipeline | stream | SendToKlaviyo(sink, clock=lambda: 0.0)
+    assert {klaviyo_server.profile(email=f"o{user}@example.org")["first_name"]
+            for user in range(20)} == {"v4"}

@@ -21,9 +21,10 @@ UNCHANGED (equal to the last one planned: passed on as a *hint*), OLDER (older t
 seen: never sent) and OUT_OF_RANGE (planned, as CHANGED, without moving the newest time).
 
 **Following what Klaviyo holds.** A DAG has no way back from the sink to this state, so the
-state cannot know whether its last planned body reached Klaviyo. That is why an UNCHANGED body is not
-dropped here: the sink, which does know (it keeps a memory of the profiles whose newest upsert it
-dead-lettered), sends a hint for such a profile and drops the others (transforms/klaviyo/flush.py).
+state cannot know whether its last planned body reached Klaviyo. That is why an UNCHANGED body
+is not dropped here: the sink, which does know (it keeps a memory of the profiles whose newest
+upsert it dead-lettered), sends a hint for such a profile and drops the others
+(transforms/klaviyo/flush.py).
 So a later event with the same body, or the replay of the dead letter into the running job,
 repairs the profile; a fresh job has no state and plans the replayed body as CHANGED.
 """
