@@ -111,28 +111,44 @@ def test_null_clears_a_field_however_many_upserts_share_a_flush(
     assert (len(bulk) > 0) == (count > 100)
 
 
+def _accepted_upserts(server: KlaviyoTestServer) -> dict[str, int]:
+    """Profile → seq of the first answer that told the sink its upsert was accepted: a 200/201
+    from profile-import, or "complete" for the import job that carried it."""
+    accepted: dict[str, int] = {}
+    for entry in server.requests(PROFILE_IMPORT):
+        if entry.status in (200, 201):
+            for profile in entry.profiles:
+                accepted.setdefault(profile, entry.seq)
+    jobs = {entry.job_id: entry.profiles for entry in server.requests(BULK_PROFILE_IMPORT)
+            if entry.status == 202}
+    for entry in server.requests(IMPORT_JOB):
+        if entry.job_status == "complete":
+            for profile in jobs[entry.job_id]:
+                accepted.setdefault(profile, entry.seq)
+    return accepted
+
+
+@pytest.mark.parametrize("bulk_threshold", [100, 2], ids=["profile_import", "bulk_import"])
 def test_each_events_upsert_is_accepted_before_the_event(
-        klaviyo_server: KlaviyoTestServer, tmp_path: Path) -> None:
+        klaviyo_server: KlaviyoTestServer, tmp_path: Path, bulk_threshold: int) -> None:
     events, _ = generate(300, 12, seed=5)
     events_path, config_path = write_inputs(tmp_path, events)
     klaviyo_server.inject(PROFILE_IMPORT, Fault.error(503), Fault.drop_after_write())
-    assert cli_main(run_command(klaviyo_server, events_path, config_path,
-                                tmp_path / "dead")) == 0
-    accepted_upsert: dict[str, int] = {}  # profile → seq of its first accepted upsert
-    for entry in klaviyo_server.requests(PROFILE_IMPORT):
-        if entry.status in (200, 201):
-            for profile in entry.profiles:
-                accepted_upsert.setdefault(profile, entry.seq)
+    klaviyo_server.inject(IMPORT_JOB, Fault.error(503))
+    assert cli_main(run_command(klaviyo_server, events_path, config_path, tmp_path / "dead",
+                                "--profile_bulk_threshold", str(bulk_threshold))) == 0
+    accepted_upsert = _accepted_upserts(klaviyo_server)
     stored_at: dict[str, int] = {}  # unique id → seq of the request that stored it
     for entry in klaviyo_server.requests(BULK_EVENTS):
         if entry.status == 202:
             for unique_id in entry.unique_ids:
                 stored_at.setdefault(unique_id, entry.seq)
     with_upsert = [event for event in events if event["name"] != "product view"]
-    assert with_upsert
+    assert with_upsert and len(stored_at) == len(events)
     for event in with_upsert:
         profile = event["user"]["email"]
         assert accepted_upsert[profile] < stored_at[event["id"]], event["id"]
+    assert bool(klaviyo_server.requests(BULK_PROFILE_IMPORT)) == (bulk_threshold < 100)
 
 
 # --- streaming: an outage of the profile endpoints, healed, and the dead letters replayed ------
