@@ -5,7 +5,10 @@ window of one minute, per endpoint family. Staying under both is cheaper than co
 every request first calls `RateLimiter.acquire(endpoint, deadline=...)`.
 
 Each window is enforced as a sliding window ("at most n requests in any `seconds`-long span"),
-which implies at most n in every fixed window Klaviyo may use, whatever its alignment.
+which implies at most n in every fixed window Klaviyo may use, whatever its alignment. The span
+is held 1 % longer than the window: the limiter counts a request when it grants it, Klaviyo when
+it arrives, and a request delayed on its way (CPU, network) must not land in the next window
+beside the ones granted a full window after it.
 
 Knobs:
 - `limits`: per-endpoint overrides of Klaviyo's published limits.
@@ -17,6 +20,9 @@ Knobs:
   the runner puts it, so the keys together never exceed the account's limits, on one process or
   on a hundred, and they reach them when every key has work. Dividing by a worker count instead
   is wrong both ways (workers run several SDK processes; only those hosting keys send).
+  Each key's share is rounded down to whole requests per window, and it must be at least one
+  (`max_keys`): keys that could each send one request every other second would, without a
+  common clock, sometimes all send in the same second of Klaviyo's.
 
 `acquire` never waits past the caller's `deadline`: a request that could not be granted by then
 is not counted and the caller keeps it for later, so no flush sleeps for minutes.
@@ -67,6 +73,7 @@ PUBLISHED_LIMITS: Mapping[Endpoint, Limit] = {
     Endpoint.IMPORT_JOBS: Limit(10, 150),
 }
 
+_ARRIVAL_MARGIN = 1.01  # spans held this much longer than Klaviyo's windows (module docstring)
 _SLOWEST_FACTOR = 1 / 16  # never slow down below this share of the configured rate
 _RECOVERY_STEP = 1 / 32  # rate share won back per successful request
 
@@ -105,8 +112,8 @@ class _EndpointLimiter:
     def __init__(self, limit: Limit, scale: float, share: float) -> None:
         self.lock = threading.Lock()
         self.windows = (
-            _Window(limit.burst_per_second * share, 1.0 / scale),
-            _Window(limit.steady_per_minute * share, 60.0 / scale),
+            _Window(limit.burst_per_second * share, _ARRIVAL_MARGIN / scale),
+            _Window(limit.steady_per_minute * share, 60.0 * _ARRIVAL_MARGIN / scale),
         )
         count, seconds = _whole_requests(limit.steady_per_minute * share, 60.0 / scale)
         self.allowed_per_minute = count * 60.0 / seconds  # real minutes, after rounding down
@@ -114,6 +121,14 @@ class _EndpointLimiter:
         self.paused_until = -math.inf
         self.throttled_at = -math.inf  # when the latest 429 came back
         self.repeat_seconds = 60.0 / scale  # a 429 sooner than this after another one repeats it
+
+
+def max_keys(limits: Mapping[Endpoint, Limit] | None = None) -> int:
+    """How many keys can share these limits (merged with the published ones) with at least one
+    request per window each: 10 with Klaviyo's published limits (the bulk endpoints' burst)."""
+    merged = {**PUBLISHED_LIMITS, **(limits or {})}
+    return math.floor(min(min(limit.burst_per_second, limit.steady_per_minute)
+                          for limit in merged.values()))
 
 
 class RateLimiter:
@@ -132,6 +147,9 @@ class RateLimiter:
         if scale <= 0 or not 0 < share <= 1:
             raise ValueError(f"need scale > 0 and 0 < share <= 1, got {scale=} {share=}")
         merged = {**PUBLISHED_LIMITS, **(limits or {})}
+        if share * max_keys(merged) < 1:
+            raise ValueError(f"a share of {share:g} is less than one request per window of "
+                             f"some endpoint: at most {max_keys(merged)} keys can share them")
         self._endpoints = {
             endpoint: _EndpointLimiter(limit, scale, share) for endpoint, limit in merged.items()
         }
