@@ -51,6 +51,15 @@ def grant_times(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> list
     return times
 
 
+def keep_throttling(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> None:
+    """`count` 429s, each for a request granted after the previous 429, all within a minute."""
+    for _ in range(count):
+        granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
+        clock.sleep(0.5)
+        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None, granted_at=granted_at)
+        clock.sleep(0.5)
+
+
 def most_in_any_window(times: list[float], seconds: float) -> int:
     ordered = sorted(times)
     return max(
@@ -115,11 +124,7 @@ def test_no_share_is_below_one_request_per_window() -> None:
 def test_a_backed_off_rate_below_one_per_window_spaces_requests_out() -> None:
     clock = FakeClock()
     rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(2, 600)})
-    for _ in range(3):  # a 429, then two that keep coming: two halvings
-        granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
-        clock.sleep(0.5)
-        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None, granted_at=granted_at)
-        clock.sleep(0.5)
+    keep_throttling(rate_limiter, clock, 3)  # a 429, then two that keep coming: two halvings
     clock.sleep(60)
 
     times = grant_times(rate_limiter, clock, 3)
@@ -165,11 +170,7 @@ def test_429s_of_requests_in_flight_together_count_once() -> None:
 def test_429s_that_keep_coming_slow_down_and_successes_win_the_rate_back() -> None:
     clock = FakeClock()
     rate_limiter = limiter(clock)
-    for _ in range(4):  # each request granted after the previous 429, all within a minute
-        granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
-        clock.sleep(0.5)
-        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None, granted_at=granted_at)
-        clock.sleep(0.5)
+    keep_throttling(rate_limiter, clock, 4)
 
     clock.sleep(60)
     slow = grant_times(rate_limiter, clock, 2)

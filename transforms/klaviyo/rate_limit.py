@@ -47,6 +47,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import overload
 
 
 class Endpoint(StrEnum):
@@ -155,6 +156,12 @@ class RateLimiter:
         }
         self._clock = clock
         self._sleep = sleep
+
+    @overload
+    def acquire(self, endpoint: Endpoint) -> float: ...
+
+    @overload
+    def acquire(self, endpoint: Endpoint, *, deadline: float | None) -> float | None: ...
 
     def acquire(self, endpoint: Endpoint, *, deadline: float | None = None) -> float | None:
         """Wait until a request to `endpoint` may go out and count it.
