@@ -4,7 +4,15 @@ sink element's explicit encoding."""
 
 from __future__ import annotations
 
-from transforms.elements import Envelope, OutgoingEvent, decode_outgoing, encode_outgoing
+from transforms.elements import (
+    Envelope,
+    OutgoingEvent,
+    PlannedEvent,
+    decode_outgoing,
+    decode_planned,
+    encode_outgoing,
+    encode_planned,
+)
 from transforms.klaviyo.flush import (
     OLDER,
     SUPERSEDED,
@@ -24,7 +32,7 @@ from transforms.klaviyo.identify_state import (
     ordering_time,
     sink_order,
 )
-from transforms.klaviyo.plan import Call
+from transforms.klaviyo.plan import Call, EventPlan
 from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
 
 T = 1_764_000_000_000.0  # 2025-11-24, in ms
@@ -139,3 +147,10 @@ def test_the_sink_element_round_trips_through_its_encoding() -> None:
     assert decode_outgoing(encode_outgoing(outgoing)) == outgoing
     plain = OutgoingEvent(Envelope(b"{}"), "e", None, 0.0)
     assert decode_outgoing(encode_outgoing(plain)) == plain
+
+
+def test_the_identify_states_input_round_trips_through_its_encoding() -> None:
+    plan = EventPlan("e-1", None, "a@x.org", T, Call(CREATE_OR_UPDATE_PROFILE, {"n": 1.5}),
+                     Call(CREATE_EVENT, {"s": "\udc80"}, ("too old",)), ["value dropped"])
+    planned = PlannedEvent(Envelope(b"\x00bytes", {"src": "web"}, None, None), plan)
+    assert decode_planned(encode_planned(planned)) == planned

@@ -3,9 +3,9 @@
 Every element keeps the `Envelope` it came from, so that a failure at any stage, up to the sink,
 can dead-letter the original message (port.md D9) rather than a half-processed copy.
 
-`OutgoingEvent` crosses the sink's shuffle and waits in its state, so it has a compact explicit
-encoding (`encode_outgoing` / `decode_outgoing`: JSON via orjson plus the raw payload bytes),
-which does not depend on how a Python class pickles.
+`PlannedEvent` crosses the identify state's shuffle, `OutgoingEvent` the sink's (and waits in its
+state): both have a compact explicit encoding (`encode_planned`, `encode_outgoing`: JSON via
+orjson plus the raw payload bytes), which does not depend on how a Python class pickles.
 """
 
 from __future__ import annotations
@@ -115,12 +115,38 @@ def outgoing_of(row: list[Any], payload: bytes) -> OutgoingEvent:
                          key, order_ms, _call_of(profile), changed, _call_of(event))
 
 
-def encode_outgoing(outgoing: OutgoingEvent) -> bytes:
+def _frame(row: list[Any], payload: bytes) -> bytes:
     """4-byte length of the JSON row, the row, then the payload bytes as they came."""
-    row = dumps(outgoing_row(outgoing))
-    return len(row).to_bytes(4, "big") + row + outgoing.envelope.payload
+    encoded = dumps(row)
+    return len(encoded).to_bytes(4, "big") + encoded + payload
+
+
+def _unframe(data: bytes) -> tuple[Any, bytes]:
+    size = int.from_bytes(data[:4], "big")
+    return loads(data[4:4 + size]), data[4 + size:]
+
+
+def encode_outgoing(outgoing: OutgoingEvent) -> bytes:
+    return _frame(outgoing_row(outgoing), outgoing.envelope.payload)
 
 
 def decode_outgoing(data: bytes) -> OutgoingEvent:
-    size = int.from_bytes(data[:4], "big")
-    return outgoing_of(loads(data[4:4 + size]), data[4 + size:])
+    return outgoing_of(*_unframe(data))
+
+
+def encode_planned(planned: PlannedEvent) -> bytes:
+    """The identify state's input, framed like `encode_outgoing`."""
+    envelope, plan = planned.envelope, planned.plan
+    return _frame([envelope.attributes, envelope.message_id, envelope.publish_time_ms,
+                   plan.event_id, plan.skipped, plan.profile_key, plan.timestamp_ms,
+                   _call_row(plan.profile), _call_row(plan.event), plan.warnings],
+                  envelope.payload)
+
+
+def decode_planned(data: bytes) -> PlannedEvent:
+    row, payload = _unframe(data)
+    attributes, message_id, publish_time_ms, event_id, skipped, key, timestamp_ms, profile, \
+        event, warnings = row
+    return PlannedEvent(Envelope(payload, attributes, message_id, publish_time_ms),
+                        EventPlan(event_id, skipped, key, timestamp_ms, _call_of(profile),
+                                  _call_of(event), warnings))

@@ -41,7 +41,7 @@ from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.dead_letters import DEAD_LETTERS, IDENTIFY_STATE, unexpected
-from transforms.elements import OutgoingEvent, PlannedEvent
+from transforms.elements import OutgoingEvent, PlannedEvent, decode_planned, encode_planned
 from transforms.klaviyo.identify_state import (
     DEFAULT_MAX_SKEW_SECONDS,
     IdentifyState,
@@ -140,6 +140,22 @@ class _IdentifyStateFn(beam.DoFn):
         expires_at.clear()
 
 
+class PlannedEventCoder(beam.coders.Coder):
+    """The explicit coder of the identify state's input (elements.encode_planned)."""
+
+    def encode(self, value: PlannedEvent) -> bytes:
+        return encode_planned(value)
+
+    def decode(self, encoded: bytes) -> PlannedEvent:
+        return decode_planned(encoded)
+
+    def is_deterministic(self) -> bool:
+        return True
+
+
+beam.coders.registry.register_coder(PlannedEvent, PlannedEventCoder)
+
+
 def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | TaggedOutput]:
     """A plan with an identify body, keyed by its profile for the state; the others pass by:
     there is nothing for the state to decide."""
@@ -163,7 +179,7 @@ class ApplyIdentifyState(beam.PTransform):
 
     def expand(self, planned: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
-            tuple[str, Any]).with_outputs(_EVENT_ONLY, main="keyed")
+            tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
         decided = routed.keyed | "decide" >> beam.ParDo(_IdentifyStateFn(
             self.ttl_seconds, self.max_skew_seconds, self.clock)).with_outputs(
             DEAD_LETTERS, main="calls")
