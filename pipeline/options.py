@@ -26,7 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from transforms.json_lines import STDOUT
 from transforms.klaviyo.api_key import ApiKeySource
 from transforms.klaviyo.identify_state import DEFAULT_MAX_SKEW_SECONDS
-from transforms.klaviyo.rate_limit import Endpoint, Limit
+from transforms.klaviyo.rate_limit import Endpoint, Limit, max_keys
 from transforms.sink import SinkSettings
 
 DEFAULT_TTL = "30d"
@@ -233,6 +233,10 @@ def _sink_settings(ours: KlaviyoOptions, problems: list[str]) -> SinkSettings:
     except OptionsError as error:
         problems.append(str(error))
         limits = {}
+    if ours.sink_shards > max_keys(limits):
+        problems.append(f"--sink_shards must be at most {max_keys(limits)}: each shard key paces "
+                        f"itself at its share of Klaviyo's limits and needs at least one request "
+                        f"per second of the bulk endpoints' burst limit")
     return SinkSettings(
         # The config's settings.apiKey joins these sources when the config is read (assembly).
         api_key=ApiKeySource(ours.klaviyo_api_key_secret or None, ours.klaviyo_api_key or None),

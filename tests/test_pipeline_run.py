@@ -134,3 +134,9 @@ def test_beam_options_pass_through() -> None:
                                                ("90m", 5_400), ("45s", 45), ("3600", 3600)])
 def test_parse_duration(text: str, seconds: int) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_more_shards_than_the_limits_can_pace_are_refused() -> None:
+    with pytest.raises(OptionsError, match="--sink_shards must be at most 10"):
+        job_settings(PipelineOptions(["--input", "x.jsonl", "--config", "c.json",
+                                      "--dead_letter_path", "d", "--sink_shards", "11"]))
