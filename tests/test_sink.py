@@ -206,3 +206,12 @@ def test_a_profiles_upserts_and_events_share_a_stable_key() -> None:
     assert shard_key(event_call(1, email="user1@example.org"), 8) == shard_key(profile_call(1), 8)
     assert shard_key(event_call(1, email="a@x.org"), 8) == f"shard/{zlib.crc32(b'a@x.org') % 8}"
 
+
+
+def test_waiting_is_counted_as_throttling(klaviyo_server: KlaviyoTestServer) -> None:
+    """A 429 with Retry-After: 2 is waited out, and the wait is reported in Beam's
+    cumulativeThrottlingSeconds (what Dataflow's autoscaler reads)."""
+    klaviyo_server.inject(BULK_EVENTS, Fault.throttle(2))
+    dead, counters = run_sink([event_call(index) for index in range(3)], settings(klaviyo_server))
+    assert dead == [] and counters["events_delivered"] == 3
+    assert counters["cumulativeThrottlingSeconds"] >= 1
