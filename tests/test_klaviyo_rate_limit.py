@@ -228,3 +228,31 @@ def test_a_request_that_cannot_be_granted_by_the_deadline_is_not_counted() -> No
     assert clock.now == pytest.approx(M)  # the refusal did not sleep; the grant waited
     assert granted == pytest.approx(M)  # the refused request took no slot
     assert rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=1.5) is None
+
+
+def test_a_key_moved_to_another_process_keeps_its_pacing() -> None:
+    """The limiter of a key's new process takes over the grants made in the old one (the two
+    have unrelated monotonic clocks; wall-clock time is what they share)."""
+    old_clock, new_clock = FakeClock(), FakeClock()
+    new_clock.now = 5000.0
+    wall = FakeClock()
+
+    def wall_time() -> float:
+        return 1_700_000_000 + wall.now
+
+    old = RateLimiter(scale=60, clock=old_clock, sleep=old_clock.sleep, wall=wall_time)
+    grant_times(old, old_clock, 150)  # a full steady minute (of the 60x faster server)
+    new = RateLimiter(scale=60, clock=new_clock, sleep=new_clock.sleep, wall=wall_time)
+    snapshot = old.snapshot()
+
+    new.restore(snapshot)
+    granted = new.acquire(Endpoint.BULK_EVENTS)
+
+    # the window of the first grant (old_clock.now ago) closes M later: the new limiter waits
+    assert granted == pytest.approx(5000.0 + M - old_clock.now, abs=0.002)
+    assert granted > 5000.5
+    fresh = RateLimiter(scale=60, clock=new_clock, sleep=new_clock.sleep, wall=wall_time)
+    assert fresh.acquire(Endpoint.BULK_EVENTS) == new_clock.now  # the control: no history
+    assert len(snapshot) < 4000
+    new.restore(b"")  # an empty state: nothing recorded
+    assert new.snapshot() == b"{}"

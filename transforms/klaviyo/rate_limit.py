@@ -24,6 +24,13 @@ Knobs:
   (`max_keys`): keys that could each send one request every other second would, without a
   common clock, sometimes all send in the same second of Klaviyo's.
 
+A key's pacing must travel with the key: a runner moves keys between processes (FnApiRunner
+with several workers does so on every bundle, Dataflow when it rebalances), and a fresh limiter
+there would not know the grants just made elsewhere. `snapshot` gives the recent grants as
+bytes for the key's Beam state, `restore` takes them over in whichever process the key runs
+next; times travel as wall-clock time, comparable across processes (and NTP-synchronised
+workers).
+
 `acquire` never waits past the caller's `deadline`: a request that could not be granted by then
 is not counted and the caller keeps it for later, so no flush sleeps for minutes.
 
@@ -40,6 +47,7 @@ otherwise four threads meeting one full window would cut the rate to a sixteenth
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -47,7 +55,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import overload
+from typing import Any, overload
 
 
 class Endpoint(StrEnum):
@@ -97,6 +105,14 @@ class _Window:
     def record(self, now: float) -> None:
         self._sent.append(now)
 
+    def recent(self, now: float) -> list[float]:
+        """The grants still inside the window's span at `now`."""
+        return [sent for sent in self._sent if sent + self._seconds > now]
+
+    def replace(self, sent: list[float]) -> None:
+        self._sent.clear()
+        self._sent.extend(sorted(sent))
+
 
 def _whole_requests(count: float, seconds: float) -> tuple[int, float]:
     """Express "count per seconds" as whole requests without ever exceeding the rate.
@@ -107,6 +123,11 @@ def _whole_requests(count: float, seconds: float) -> tuple[int, float]:
     if count >= 1:
         return math.floor(count), seconds
     return 1, seconds / count
+
+
+def _later_ms(seconds: float) -> float:
+    """Rounded up to the millisecond: compact, and a grant never seems older than it is."""
+    return math.ceil(seconds * 1000) / 1000
 
 
 class _EndpointLimiter:
@@ -144,6 +165,7 @@ class RateLimiter:
         share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         if scale <= 0 or not 0 < share <= 1:
             raise ValueError(f"need scale > 0 and 0 < share <= 1, got {scale=} {share=}")
@@ -156,6 +178,7 @@ class RateLimiter:
         }
         self._clock = clock
         self._sleep = sleep
+        self._wall = wall
 
     @overload
     def acquire(self, endpoint: Endpoint) -> float: ...
@@ -204,6 +227,39 @@ class RateLimiter:
                 state.throttled_at = now
             if retry_after is not None:
                 state.paused_until = max(state.paused_until, now + retry_after)
+
+    def snapshot(self) -> bytes:
+        """The recent grants and back-off of every endpoint used, as compact bytes for the
+        key's Beam state (module docstring); `restore` reads them in any process."""
+        now = self._clock()
+        to_wall = self._wall() - now
+        recorded: dict[str, list[Any]] = {}
+        for endpoint, state in self._endpoints.items():
+            with state.lock:
+                windows = [[_later_ms(t + to_wall) for t in window.recent(now)]
+                           for window in state.windows]
+                paused = state.paused_until if state.paused_until > now else None
+                if any(windows) or paused is not None or state.factor < 1:
+                    recorded[endpoint.value] = [
+                        state.factor, None if paused is None else paused + to_wall,
+                        state.throttled_at + to_wall if state.throttled_at > -math.inf else None,
+                        *windows]
+        return json.dumps(recorded, separators=(",", ":")).encode()
+
+    def restore(self, snapshot: bytes) -> None:
+        """Continue from a `snapshot` of this key's limiter, taken in this or another process:
+        its grants replace what this limiter remembers."""
+        to_clock = self._clock() - self._wall()
+        recorded = json.loads(snapshot) if snapshot else {}
+        for endpoint, state in self._endpoints.items():
+            factor, paused, throttled, *windows = recorded.get(endpoint.value) or [
+                1.0, None, None, *([] for _ in state.windows)]
+            with state.lock:
+                state.factor = float(factor)
+                state.paused_until = -math.inf if paused is None else paused + to_clock
+                state.throttled_at = -math.inf if throttled is None else throttled + to_clock
+                for window, sent in zip(state.windows, windows, strict=True):
+                    window.replace([t + to_clock for t in sent])
 
     def succeeded(self, endpoint: Endpoint) -> None:
         """A request got through: win back some of the rate given up after 429s."""
