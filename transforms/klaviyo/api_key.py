@@ -60,10 +60,6 @@ class ApiKeySource:
         literal = option_key or (config_api_key if isinstance(config_api_key, str) else None)
         return cls(secret_version or None, literal or None, reference)
 
-    @property
-    def has_literal_only(self) -> bool:  # TRANSITION: goes with sink.literal_key_problem
-        return bool(self.literal) and not self.secret_version and self.config_reference is None
-
     def dataflow_problem(self, runner: Any) -> str | None:
         """Why this source cannot serve a Dataflow job (module docstring); None when it can."""
         if "Dataflow" not in str(runner or "") or self.secret_version:
