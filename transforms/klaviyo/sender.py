@@ -54,7 +54,7 @@ from transforms.klaviyo.bulk import (
     plan_event_batches,
     plan_profile_batches,
 )
-from transforms.klaviyo.client import KlaviyoClient, Response, next_page_cursor
+from transforms.klaviyo.client import Encoded, KlaviyoClient, Response, next_page_cursor
 from transforms.klaviyo.errors import (
     ApiError,
     CallFailure,
@@ -174,6 +174,7 @@ class _Part(Generic[B]):
     retries: int = 0
     next_at: float = -math.inf
     last: CallFailure | None = None
+    request: Callable[[], Response] | None = None  # built once, reused by every retry
 
 
 @dataclass
@@ -210,9 +211,10 @@ class KlaviyoSender:
         bodies = [_body(call, CREATE_EVENT) for call in calls]
         plan = plan_event_batches(bodies, self._max_events, self._max_bytes)
         outcomes: dict[int, Outcome] = {}
+        client = self._client
+        prepare = _prepare(client.encode_bulk_events, client.bulk_create_events)
         for batch in plan.batches:
-            send = self._client.bulk_create_events
-            for sent, _ in self._deliver(Endpoint.BULK_EVENTS, batch, send, deadline, outcomes):
+            for sent, _ in self._deliver(Endpoint.BULK_EVENTS, batch, prepare, deadline, outcomes):
                 outcomes.update(dict.fromkeys(sent.indexes, Delivered()))
         for duplicate, first in plan.duplicates.items():
             outcomes[duplicate] = _as_duplicate(outcomes[first])
@@ -222,8 +224,12 @@ class KlaviyoSender:
         """Send one `create_or_update_profile` call (POST /api/profile-import)."""
         batch = SingleCall(0, dict(_body(call, CREATE_OR_UPDATE_PROFILE)))
         outcomes: dict[int, Outcome] = {}
-        send = self._client.create_or_update_profile
-        if self._deliver(Endpoint.PROFILE_IMPORT, batch, send, deadline, outcomes):
+
+        def prepare(body: Json) -> Callable[[], Response]:
+            # One profile: the SDK's own method (it validates on every attempt) costs little.
+            return partial(self._client.create_or_update_profile, body)
+
+        if self._deliver(Endpoint.PROFILE_IMPORT, batch, prepare, deadline, outcomes):
             return Delivered()
         return outcomes[0]
 
@@ -240,9 +246,12 @@ class KlaviyoSender:
         bodies = [_body(call, CREATE_OR_UPDATE_PROFILE) for call in calls]
         outcomes: dict[int, Outcome] = {}
         jobs: list[tuple[ImportJob, list[int]]] = []
-        send = self._client.bulk_import_profiles
+        client = self._client
+        prepare = _prepare(client.encode_bulk_import, client.bulk_import_profiles)
         for batch in plan_profile_batches(bodies, max_bytes=self._max_bytes):
-            accepted = self._deliver(Endpoint.BULK_PROFILE_IMPORT, batch, send, deadline, outcomes)
+            accepted = self._deliver(
+                Endpoint.BULK_PROFILE_IMPORT, batch, prepare, deadline, outcomes
+            )
             jobs += [(ImportJob(str(response.data["data"]["id"]), len(sent.indexes)), sent.indexes)
                      for sent, response in accepted]
         return jobs, outcomes
@@ -283,13 +292,15 @@ class KlaviyoSender:
         self,
         endpoint: Endpoint,
         batch: B,
-        send: Callable[[Json], Response],
+        prepare: Callable[[Json], Callable[[], Response]],
         deadline: float,
         outcomes: dict[int, Outcome],
     ) -> list[tuple[B, Response]]:
         """Deliver one request by `deadline`, isolating what Klaviyo will not take (module
         docstring); returns the parts it accepted with their responses. Calls dead-lettered
-        or still pending go into `outcomes`."""
+        or still pending go into `outcomes`. `prepare` makes a part's request from its body,
+        once: it raises `KlaviyoCallError` when the SDK's model refuses the body (nothing is
+        sent then, and the entries the failure names are isolated like a 400's)."""
         accepted: list[tuple[B, Response]] = []
         parts = [_Part(batch, since=self._successes[endpoint])]
         blind = _BlindSplits()
@@ -300,7 +311,14 @@ class KlaviyoSender:
                 self._metrics.throttled(waited)
             if self._clock() > deadline:
                 break
-            result = self._attempt(endpoint, partial(send, part.batch.body()), deadline)
+            try:
+                part.request = part.request or prepare(part.batch.body())
+            except KlaviyoCallError as refused:
+                parts.remove(part)
+                parts += self._after_failure(endpoint, part, refused.failure, deadline, outcomes,
+                                             blind)
+                continue
+            result = self._attempt(endpoint, part.request, deadline)
             if result is None:  # the limiter has no room for this endpoint before the deadline
                 break
             parts.remove(part)
@@ -332,7 +350,8 @@ class KlaviyoSender:
             for index, errors in named.items():
                 outcomes[index] = _dead_letter(replace(failure, errors=tuple(errors)))
             rest = part.batch.without(named)
-            return [] if rest is None else [replace(part, batch=rest, next_at=-math.inf)]
+            return [] if rest is None else [replace(part, batch=rest, next_at=-math.inf,
+                                                    request=None)]
         part.last = failure
         if failure.status != 429:  # a 429 says nothing about the payload
             part.failures += 1
@@ -449,6 +468,17 @@ class KlaviyoSender:
     def _count_request(self, endpoint: Endpoint, status: str, started: float) -> None:
         self._metrics.count(f"{endpoint}_requests_{status}")
         self._metrics.observe(f"{endpoint}_latency_ms", (self._clock() - started) * 1000)
+
+
+def _prepare(
+    encode: Callable[[Json], Encoded], send: Callable[[Encoded], Response]
+) -> Callable[[Json], Callable[[], Response]]:
+    """A bulk endpoint's `prepare` for `_deliver`: encode the body once, send those bytes."""
+
+    def prepare(body: Json) -> Callable[[], Response]:
+        return partial(send, encode(body))
+
+    return prepare
 
 
 def _body(call: PlannedCall, expected_method: str) -> Mapping[str, Any]:
