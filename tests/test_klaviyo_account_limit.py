@@ -1,26 +1,33 @@
-"""The account-wide rate limit holds when the sink's keys send from several OS processes at once.
+"""The account-wide rate limit holds when the sink's keys send from several OS processes.
 
 Dataflow places the `shard/N` keys on whatever SDK processes it runs (several per VM, moved as
 it autoscales). Each key paces itself at `1/shards` of the account limit, so the keys together
 stay within it wherever they run. Here each key is a process of its own with its own sender, all
 sending at the same time to one test server that enforces the limit in Klaviyo's fixed windows
 (with its clock scaled): every full window stays within the limit and is used to at least 90 %.
-The control case (each key believing it owns the whole account) shows the check can fail.
+The control case (each key believing it owns the whole account) shows the check can fail. The
+whole job runs the same way on FnApiRunner with several SDK worker processes.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from collections import Counter
 from multiprocessing.synchronize import Event
+from pathlib import Path
 
+import pytest
+
+from pipeline.cli import main as cli_main
 from tests.klaviyo_server import BULK_EVENTS, KlaviyoTestServer
 from transforms.klaviyo.client import KlaviyoClient
 from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
 from transforms.klaviyo.sender import Delivered, KlaviyoSender
 
+ROOT = Path(__file__).parents[1]
 SHARDS = 4
 LIMIT = Limit(4, 20)  # per second / per minute: small, so a few seconds show many windows
 SCALE = 10.0  # a Klaviyo minute lasts 6 real seconds: long beside a busy machine's stalls
@@ -109,3 +116,45 @@ def test_the_check_fails_when_every_key_takes_the_whole_limit() -> None:
     server, _ = run_keys(share=1.0, seconds=3)
 
     assert 429 in server.statuses(BULK_EVENTS)
+
+
+def product_views(path: Path, count: int, users: int) -> None:
+    """`count` "product view" events of the bundled example, spread over `users` users."""
+    with open(ROOT / "examples" / "events.jsonl", encoding="utf-8") as sample:
+        template = next(json.loads(line) for line in sample if '"product view"' in line)
+    with open(path, "w", encoding="utf-8") as out:
+        for index in range(count):
+            user = index % users
+            event = {**template, "id": f"{index:016x}", "timestamp": 1764320111033 + index,
+                     "user": {**template["user"], "id": f"u-{user}",
+                              "email": f"user{user}@example.org"}}
+            out.write(json.dumps(event) + "\n")
+
+
+def test_the_job_on_several_sdk_processes_keeps_and_uses_the_account_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events = 500
+    product_views(tmp_path / "events.jsonl", events, users=20)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the SDK worker processes import the job
+    with KlaviyoTestServer(time_scale=SCALE) as server:
+        server.rate_limits[BULK_EVENTS] = (int(LIMIT.burst_per_second),
+                                           int(LIMIT.steady_per_minute))
+        code = cli_main([
+            "run", "--input", str(tmp_path / "events.jsonl"),
+            "--config", str(ROOT / "examples" / "flow.json"),
+            "--dead_letter_path", str(tmp_path / "dead"),
+            "--klaviyo_base_url", server.url, "--klaviyo_api_key", server.api_key,
+            "--rate_limit_scale", str(SCALE),
+            "--rate_limits", f"bulk_events={LIMIT.burst_per_second:g}:"
+                             f"{LIMIT.steady_per_minute:g}",
+            "--batch_max_events", str(EVENTS_PER_REQUEST), "--sink_shards", str(SHARDS),
+            "--runner", "FnApiRunner", "--direct_running_mode", "multi_processing",
+            "--direct_num_workers", "2"])
+
+    counts = accepted_per_window(server)
+    assert code == 0
+    assert len(counts) >= 2, counts
+    assert all(0.9 * LIMIT.steady_per_minute <= count <= LIMIT.steady_per_minute
+               for count in counts), counts
+    assert 429 not in server.statuses(BULK_EVENTS)
+    assert len(server.stored_unique_ids()) == events
