@@ -20,12 +20,10 @@ Measuring honestly:
 - The server runs in its own process: it parses and validates every body like Klaviyo
   (≈0.08 s of CPU per 1000-event request), and in the benchmark's process it would compete for
   the GIL with the SDK.
-- The SDK's validation and serialization of a 1000-event body costs ≈0.15 s of CPU in one
-  thread and ≈0.21–0.24 s with four threads taking turns on the GIL (measured on this 2-core
-  machine), so one process manages about 4 bulk requests per second. At scale s the ceiling is
-  2.5·s requests per second: at the default 1 (Klaviyo's own clock) that is about 60 % of a core;
-  at 1.25 the sending threads are already busy for most of each minute and runs vary (92–100 %),
-  and from 1.5 up the benchmark measures this machine's CPU (58–91 %), not the delivery layer.
+- A 1000-event request costs about 20-25 ms of CPU in the delivery layer (bench/sdk_request_cost.py:
+  one validation by the SDK's model, our encoding of it), so the ceiling of 2.5·s requests per
+  second at scale s needs about 6 % of a core per unit of scale; the server's work is in its own
+  process.
 - Each run gets a fresh server (empty rate-limit windows) and a fresh delivery stack.
 - Events delivered are those of requests that completed inside a window of exactly `--minutes`
   Klaviyo minutes from the moment the threads start, so the start-up costs (first SDK call,
