@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import zlib
@@ -474,6 +475,7 @@ _BUFFER = BagStateSpec("buffer", BytesCoder())
 _COUNT = ReadModifyWriteStateSpec("count", VarIntCoder())
 _WORK = ReadModifyWriteStateSpec("work", BytesCoder())
 _MEMORY = ReadModifyWriteStateSpec("memory", BytesCoder())
+_PACING = ReadModifyWriteStateSpec("pacing", BytesCoder())  # the key's RateLimiter.snapshot()
 _DELAY = TimerSpec("delay", TimeDomain.REAL_TIME)
 _WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
 # The DoFn parameters that hand these to process() and the timer callbacks.
@@ -481,6 +483,7 @@ _BUFFER_STATE: Any = beam.DoFn.StateParam(_BUFFER)
 _COUNT_STATE: Any = beam.DoFn.StateParam(_COUNT)
 _WORK_STATE: Any = beam.DoFn.StateParam(_WORK)
 _MEMORY_STATE: Any = beam.DoFn.StateParam(_MEMORY)
+_PACING_STATE: Any = beam.DoFn.StateParam(_PACING)
 _DELAY_TIMER: Any = beam.DoFn.TimerParam(_DELAY)
 _WINDOW_END_TIMER: Any = beam.DoFn.TimerParam(_WINDOW_END)
 _KEY: Any = beam.DoFn.KeyParam
@@ -497,7 +500,7 @@ class _SendFlushes(beam.DoFn):
         self._streaming = streaming
         self._clock = clock
         self._client: KlaviyoClient | None = None
-        self._senders: dict[str, tuple[KlaviyoSender, Tally]] = {}
+        self._senders: dict[str, tuple[KlaviyoSender, Tally, RateLimiter]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._running: list[tuple[Future[list[DeadLetterRecord]], Tally]] = []
 
@@ -509,12 +512,18 @@ class _SendFlushes(beam.DoFn):
         if not self._streaming:
             self._pool = ThreadPoolExecutor(max_workers=settings.shards,
                                             thread_name_prefix="sink-flush")
+        # What the process holds by now lives as long as it does: a full cyclic collection
+        # need not walk it again every few requests (each allocates thousands of objects).
+        gc.freeze()
 
     def teardown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def _sender(self, key: str) -> tuple[KlaviyoSender, Tally]:
+    def _sender(self, key: str, pacing: ReadModifyWriteRuntimeState
+                ) -> tuple[KlaviyoSender, Tally, RateLimiter]:
+        """The key's sender, its limiter continuing from the key's pacing state: a key's
+        recent requests travel with it when the runner moves it to another process."""
         if key not in self._senders:
             settings = self._settings
             assert self._client is not None, "setup() builds the client"
@@ -523,8 +532,10 @@ class _SendFlushes(beam.DoFn):
                                   share=1 / settings.shards)
             sender = KlaviyoSender(self._client, limiter, Retrier(RetryPolicy()), tally,
                                    max_events_per_request=settings.batch_max_events)
-            self._senders[key] = (sender, tally)
-        return self._senders[key]
+            self._senders[key] = (sender, tally, limiter)
+        sender, tally, limiter = self._senders[key]
+        limiter.restore(pacing.read() or b"")
+        return sender, tally, limiter
 
     def process(
         self,
@@ -534,6 +545,7 @@ class _SendFlushes(beam.DoFn):
         count: ReadModifyWriteRuntimeState = _COUNT_STATE,
         work: ReadModifyWriteRuntimeState = _WORK_STATE,
         memory: ReadModifyWriteRuntimeState = _MEMORY_STATE,
+        pacing: ReadModifyWriteRuntimeState = _PACING_STATE,
         delay: RuntimeTimer = _DELAY_TIMER,
         window_end: RuntimeTimer = _WINDOW_END_TIMER,
     ) -> Iterator[DeadLetterRecord]:
@@ -546,29 +558,32 @@ class _SendFlushes(beam.DoFn):
             if self._streaming:
                 delay.set(Timestamp.of(self._clock() + self._settings.batch_max_delay_ms / 1000))
         if self._streaming and size >= self._settings.batch_max_events:
-            yield from self._flush(key, buffer, count, work, memory, delay)
+            yield from self._flush(key, buffer, count, work, memory, pacing, delay)
 
     @on_timer(_DELAY)
     def on_delay(self, key: str = _KEY, buffer: BagRuntimeState = _BUFFER_STATE,
                  count: ReadModifyWriteRuntimeState = _COUNT_STATE,
                  work: ReadModifyWriteRuntimeState = _WORK_STATE,
                  memory: ReadModifyWriteRuntimeState = _MEMORY_STATE,
+                 pacing: ReadModifyWriteRuntimeState = _PACING_STATE,
                  delay: RuntimeTimer = _DELAY_TIMER) -> Iterator[DeadLetterRecord]:
-        yield from self._flush(key, buffer, count, work, memory, delay)
+        yield from self._flush(key, buffer, count, work, memory, pacing, delay)
 
     @on_timer(_WINDOW_END)
     def on_window_end(self, key: str = _KEY, buffer: BagRuntimeState = _BUFFER_STATE,
                       count: ReadModifyWriteRuntimeState = _COUNT_STATE,
                       work: ReadModifyWriteRuntimeState = _WORK_STATE,
-                      memory: ReadModifyWriteRuntimeState = _MEMORY_STATE
+                      memory: ReadModifyWriteRuntimeState = _MEMORY_STATE,
+                      pacing: ReadModifyWriteRuntimeState = _PACING_STATE
                       ) -> Iterator[DeadLetterRecord]:
         pending, known = self._take(buffer, count, work, memory)
         work.clear()
         memory.clear()
-        sender, tally = self._sender(key)
+        sender, tally, limiter = self._sender(key, pacing)
         flush = Flush(sender, self._settings, tally)
         if self._pool is None:
             flush.run_to_end(pending, known)
+            pacing.write(limiter.snapshot())
             tally.report()
             yield from flush.dead
             return
@@ -597,11 +612,13 @@ class _SendFlushes(beam.DoFn):
 
     def _flush(self, key: str, buffer: BagRuntimeState, count: ReadModifyWriteRuntimeState,
                work: ReadModifyWriteRuntimeState, memory: ReadModifyWriteRuntimeState,
-               delay: RuntimeTimer) -> Iterator[DeadLetterRecord]:
+               pacing: ReadModifyWriteRuntimeState, delay: RuntimeTimer
+               ) -> Iterator[DeadLetterRecord]:
         pending, known = self._take(buffer, count, work, memory)
-        sender, tally = self._sender(key)
+        sender, tally, limiter = self._sender(key, pacing)
         flush = Flush(sender, self._settings, tally)
         left = flush.run(pending, known)
+        pacing.write(limiter.snapshot())
         tally.report()
         if left.tasks or left.jobs:
             work.write(left.encode())
