@@ -576,20 +576,20 @@ class _SendFlushes(beam.DoFn):
                       memory: ReadModifyWriteRuntimeState = _MEMORY_STATE,
                       pacing: ReadModifyWriteRuntimeState = _PACING_STATE
                       ) -> Iterator[DeadLetterRecord]:
-        pending, known = self._take(buffer, count, work, memory)
+        taken = self._take(buffer, count, work, memory)
         work.clear()
         memory.clear()
         sender, tally, limiter = self._sender(key, pacing)
         flush = Flush(sender, self._settings, tally)
         if self._pool is None:
-            flush.run_to_end(pending, known)
+            flush.run_to_end(*_decoded(taken))
             pacing.write(limiter.snapshot())
             tally.report()
             yield from flush.dead
             return
 
         def run() -> list[DeadLetterRecord]:
-            flush.run_to_end(pending, known)
+            flush.run_to_end(*_decoded(taken))
             return flush.dead
         self._running.append((self._pool.submit(run), tally))
 
@@ -603,18 +603,18 @@ class _SendFlushes(beam.DoFn):
 
     def _take(self, buffer: BagRuntimeState, count: ReadModifyWriteRuntimeState,
               work: ReadModifyWriteRuntimeState, memory: ReadModifyWriteRuntimeState
-              ) -> tuple[Work, ProfileMemory]:
-        carried = Work.decode(work.read())
-        carried.tasks += [Task.of(decode_outgoing(raw)) for raw in buffer.read()]
+              ) -> tuple[bytes | None, list[bytes], bytes | None]:
+        """The key's state as stored (decoded by `_decoded`, possibly on a pool thread)."""
+        taken = work.read(), list(buffer.read()), memory.read()
         buffer.clear()
         count.clear()
-        return carried, ProfileMemory.decode(memory.read())
+        return taken
 
     def _flush(self, key: str, buffer: BagRuntimeState, count: ReadModifyWriteRuntimeState,
                work: ReadModifyWriteRuntimeState, memory: ReadModifyWriteRuntimeState,
                pacing: ReadModifyWriteRuntimeState, delay: RuntimeTimer
                ) -> Iterator[DeadLetterRecord]:
-        pending, known = self._take(buffer, count, work, memory)
+        pending, known = _decoded(self._take(buffer, count, work, memory))
         sender, tally, limiter = self._sender(key, pacing)
         flush = Flush(sender, self._settings, tally)
         left = flush.run(pending, known)
@@ -631,6 +631,14 @@ class _SendFlushes(beam.DoFn):
             memory.clear()
         yield from flush.dead
 
+
+def _decoded(taken: tuple[bytes | None, list[bytes], bytes | None]
+             ) -> tuple[Work, ProfileMemory]:
+    """A key's stored state (`_SendFlushes._take`) as the flush works on it."""
+    work, buffered, memory = taken
+    carried = Work.decode(work)
+    carried.tasks += [Task.of(decode_outgoing(raw)) for raw in buffered]
+    return carried, ProfileMemory.decode(memory)
 
 class SendToKlaviyo(beam.PTransform):
     """Outgoing events → dead letters of the sink stage (all else is delivered)."""
