@@ -39,6 +39,7 @@ Measuring honestly:
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import multiprocessing
 import statistics
@@ -74,6 +75,7 @@ class ServerTotals:
     stored_events: int
     requests: int  # bulk events requests, any status
     throttled: int  # of which answered 429
+    cpu_seconds: float  # the server process's
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class RunResult:
     planned: int
     dead_letters: int
     pending: int  # not settled by a send's deadline (two Klaviyo minutes)
+    client_cpu_seconds: float  # this process's, over the run
     server: ServerTotals
 
     @property
@@ -130,7 +133,8 @@ def _serve(conn: Connection, scale: float) -> None:
         conn.send((server.url, server.api_key))
         conn.recv()
         statuses = server.statuses(BULK_EVENTS)
-        conn.send(ServerTotals(len(server.events), len(statuses), statuses.count(429)))
+        conn.send(ServerTotals(len(server.events), len(statuses), statuses.count(429),
+                               time.process_time()))
 
 
 @contextmanager
@@ -152,8 +156,10 @@ def server_process(scale: float) -> Iterator[tuple[str, str, Connection]]:
 def run_once(templates: Sequence[Mapping[str, Any]], *, scale: float, minutes: float,
              threads: int) -> RunResult:
     """One measured run against a fresh server and a fresh delivery stack."""
+    cpu_before = time.process_time()
     with server_process(scale) as (url, api_key, conn):
         client = KlaviyoClient(api_key, test_host=url)
+        gc.freeze()  # as the sink's setup does: full collections skip what is loaded by now
         batches = itertools.count()
         lock = threading.Lock()
         started = time.monotonic()
@@ -187,7 +193,8 @@ def run_once(templates: Sequence[Mapping[str, Any]], *, scale: float, minutes: f
             worker.join()
         conn.send("stop")
         totals: ServerTotals = conn.recv()
-    return RunResult(scale, minutes, in_window, planned, dead, pending - dead, totals)
+    client_cpu = time.process_time() - cpu_before
+    return RunResult(scale, minutes, in_window, planned, dead, pending - dead, client_cpu, totals)
 
 
 def print_run(number: int, result: RunResult) -> None:
@@ -198,7 +205,13 @@ def print_run(number: int, result: RunResult) -> None:
           f"1000 events; {result.server.throttled} x 429; {result.dead_letters} dead letters, "
           f"{result.pending} pending; "
           f"lost {result.lost} ({result.planned:,} planned, {result.server.stored_events:,} "
-          "stored)", flush=True)
+          f"stored); CPU per request: {per_request(result.client_cpu_seconds, result):.0f} ms "
+          f"here, {per_request(result.server.cpu_seconds, result):.0f} ms in the server",
+          flush=True)
+
+
+def per_request(seconds: float, result: RunResult) -> float:
+    return 1000 * seconds / max(1, result.server.requests)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
