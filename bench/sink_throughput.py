@@ -8,23 +8,22 @@ test server (tests/klaviyo_server.py) enforces those limits in fixed windows, wi
 running `--scale` times faster; the delivery layer gets the same `rate_limit_scale`.
 
 What is driven, and why: `KlaviyoSender.send_events` (the call the sink's flush makes with each
-batch of up to `batch_max_events` calls) from `--threads` threads sharing one client and one rate
-limiter, as the sink's shards share them in a worker process. This measures everything between a
-full batch and Klaviyo: bulk planning, the limiter, the SDK's validation and serialization,
-retries, 429 handling. The Beam sink on the FnApiRunner would run its shards one after another in
-one thread, so it would measure the local runner's serial bundle processing rather than the
-delivery layer; the batching in Beam state in front of it is covered by tests/test_sink.py.
+batch of up to `batch_max_events` calls) from `--threads` threads, each standing for one of the
+sink's shard keys: its own sender and rate limiter at `1/threads` of the account limit (as the
+sink builds them), all sharing one client. This measures everything between a full batch and
+Klaviyo: bulk planning, the per-key limiters, the SDK's validation and serialization, retries,
+429 handling. The per-key share rounds down to whole requests per minute (150/4 → 37), so four
+keys can use at most 148 of the 150 requests a minute (98.7 %). The whole pipeline is measured
+by bench/pipeline_throughput.py.
 
 Measuring honestly:
 - The server runs in its own process: it parses and validates every body like Klaviyo
   (≈0.08 s of CPU per 1000-event request), and in the benchmark's process it would compete for
   the GIL with the SDK.
-- The SDK's validation and serialization of a 1000-event body costs ≈0.15 s of CPU in one
-  thread and ≈0.21–0.24 s with four threads taking turns on the GIL (measured on this 2-core
-  machine), so one process manages about 4 bulk requests per second. At scale s the ceiling is
-  2.5·s requests per second: at the default 1 (Klaviyo's own clock) that is about 60 % of a core;
-  at 1.25 the sending threads are already busy for most of each minute and runs vary (92–100 %),
-  and from 1.5 up the benchmark measures this machine's CPU (58–91 %), not the delivery layer.
+- A 1000-event request costs about 20-25 ms of CPU in the delivery layer (bench/sdk_request_cost.py:
+  one validation by the SDK's model, our encoding of it), so the ceiling of 2.5·s requests per
+  second at scale s needs about 6 % of a core per unit of scale; the server's work is in its own
+  process.
 - Each run gets a fresh server (empty rate-limit windows) and a fresh delivery stack.
 - Events delivered are those of requests that completed inside a window of exactly `--minutes`
   Klaviyo minutes from the moment the threads start, so the start-up costs (first SDK call,
@@ -40,6 +39,7 @@ Measuring honestly:
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import multiprocessing
 import statistics
@@ -59,7 +59,7 @@ from transforms.klaviyo.bulk import MAX_EVENTS_PER_REQUEST
 from transforms.klaviyo.client import KlaviyoClient
 from transforms.klaviyo.rate_limit import PUBLISHED_LIMITS, Endpoint, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
-from transforms.klaviyo.sender import DeadLetter, KlaviyoSender, PlannedCall
+from transforms.klaviyo.sender import DeadLetter, Delivered, KlaviyoSender, PlannedCall
 from transforms.klaviyo.wire import CREATE_EVENT
 from transforms.walkeros.config import load_config_file
 
@@ -75,6 +75,7 @@ class ServerTotals:
     stored_events: int
     requests: int  # bulk events requests, any status
     throttled: int  # of which answered 429
+    cpu_seconds: float  # the server process's
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class RunResult:
     delivered_in_window: int
     planned: int
     dead_letters: int
+    pending: int  # not settled by a send's deadline (two Klaviyo minutes)
+    client_cpu_seconds: float  # this process's, over the run
     server: ServerTotals
 
     @property
@@ -130,7 +133,8 @@ def _serve(conn: Connection, scale: float) -> None:
         conn.send((server.url, server.api_key))
         conn.recv()
         statuses = server.statuses(BULK_EVENTS)
-        conn.send(ServerTotals(len(server.events), len(statuses), statuses.count(429)))
+        conn.send(ServerTotals(len(server.events), len(statuses), statuses.count(429),
+                               time.process_time()))
 
 
 @contextmanager
@@ -152,30 +156,35 @@ def server_process(scale: float) -> Iterator[tuple[str, str, Connection]]:
 def run_once(templates: Sequence[Mapping[str, Any]], *, scale: float, minutes: float,
              threads: int) -> RunResult:
     """One measured run against a fresh server and a fresh delivery stack."""
+    cpu_before = time.process_time()
     with server_process(scale) as (url, api_key, conn):
-        sender = KlaviyoSender(KlaviyoClient(api_key, test_host=url), RateLimiter(scale=scale),
-                               Retrier(RetryPolicy()))
+        client = KlaviyoClient(api_key, test_host=url)
+        gc.freeze()  # as the sink's setup does: full collections skip what is loaded by now
         batches = itertools.count()
         lock = threading.Lock()
         started = time.monotonic()
         window_end = started + minutes * 60 / scale
-        in_window = planned = dead = 0
+        in_window = planned = dead = pending = 0
 
         def work() -> None:
-            nonlocal in_window, planned, dead
+            nonlocal in_window, planned, dead, pending
+            limiter = RateLimiter(scale=scale, share=1 / threads)
+            sender = KlaviyoSender(client, limiter, Retrier(RetryPolicy()))
             while True:
                 with lock:
                     if time.monotonic() >= window_end:
                         return
                     batch = next(batches)
                     planned += len(templates)
-                outcomes = sender.send_events(batch_calls(templates, batch))
+                deadline = time.monotonic() + 120 / scale
+                outcomes = sender.send_events(batch_calls(templates, batch), deadline=deadline)
                 done = time.monotonic()
-                failed = sum(isinstance(outcome, DeadLetter) for outcome in outcomes)
+                delivered = sum(isinstance(outcome, Delivered) for outcome in outcomes)
                 with lock:
-                    dead += failed
+                    dead += sum(isinstance(outcome, DeadLetter) for outcome in outcomes)
+                    pending += len(outcomes) - delivered
                     if done < window_end:
-                        in_window += len(outcomes) - failed
+                        in_window += delivered
 
         workers = [threading.Thread(target=work) for _ in range(threads)]
         for worker in workers:
@@ -184,7 +193,8 @@ def run_once(templates: Sequence[Mapping[str, Any]], *, scale: float, minutes: f
             worker.join()
         conn.send("stop")
         totals: ServerTotals = conn.recv()
-    return RunResult(scale, minutes, in_window, planned, dead, totals)
+    client_cpu = time.process_time() - cpu_before
+    return RunResult(scale, minutes, in_window, planned, dead, pending - dead, client_cpu, totals)
 
 
 def print_run(number: int, result: RunResult) -> None:
@@ -192,9 +202,16 @@ def print_run(number: int, result: RunResult) -> None:
           f"{result.minutes:g} Klaviyo minutes ({result.minutes * 60 / result.scale:g} s) = "
           f"{result.per_minute:,.0f} events/min = "
           f"{result.fraction:.1%} of the ceiling; {result.requests_per_1000:.3f} requests per "
-          f"1000 events; {result.server.throttled} x 429; {result.dead_letters} dead letters; "
+          f"1000 events; {result.server.throttled} x 429; {result.dead_letters} dead letters, "
+          f"{result.pending} pending; "
           f"lost {result.lost} ({result.planned:,} planned, {result.server.stored_events:,} "
-          "stored)", flush=True)
+          f"stored); CPU per request: {per_request(result.client_cpu_seconds, result):.0f} ms "
+          f"here, {per_request(result.server.cpu_seconds, result):.0f} ms in the server",
+          flush=True)
+
+
+def per_request(seconds: float, result: RunResult) -> float:
+    return 1000 * seconds / max(1, result.server.requests)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

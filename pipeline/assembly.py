@@ -25,11 +25,12 @@ from transforms.dry_run import WriteDryRun
 from transforms.identify_state import ApplyIdentifyState
 from transforms.json_lines import WINDOW_SECONDS
 from transforms.klaviyo.api_key import ENV_VAR, ApiKeySource
+from transforms.klaviyo.identify_state import DEFAULT_MAX_SKEW_SECONDS
 from transforms.parse import Parse
 from transforms.plan import Clock, Plan
 from transforms.preflight import Preflight
 from transforms.read import ReadJsonLines, lift_emulator_receive_limit, pattern_problem
-from transforms.sink import SendToKlaviyo, SinkSettings, literal_key_problem
+from transforms.sink import SendToKlaviyo, SinkSettings
 from transforms.walkeros.config import ConfigError, LoadedConfig, load_config
 
 
@@ -44,20 +45,23 @@ def read_config(path: str, destination: str | None) -> LoadedConfig:
 
 
 class PlanCalls(beam.PTransform):
-    """Input records (Pub/Sub messages, bytes or lines) → (calls to send, dead letters)."""
+    """Input records (Pub/Sub messages, bytes or lines) → (outgoing events, dead letters)."""
 
     def __init__(self, config: dict[str, Any], *, ttl_seconds: int,
+                 max_skew_seconds: float = DEFAULT_MAX_SKEW_SECONDS,
                  clock: Clock = time.time) -> None:
         super().__init__()
         self.config = config
         self.ttl_seconds = ttl_seconds
+        self.max_skew_seconds = max_skew_seconds
         self.clock = clock
 
     def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         events, parse_dead = records | "parse" >> Parse()
         planned, plan_dead = events | "plan" >> Plan(self.config, clock=self.clock)
         calls, state_dead = planned | "identify_state" >> ApplyIdentifyState(
-            ttl_seconds=self.ttl_seconds)
+            ttl_seconds=self.ttl_seconds, max_skew_seconds=self.max_skew_seconds,
+            clock=self.clock)
         ready, preflight_dead = calls | "preflight" >> Preflight()
         dead = (parse_dead, plan_dead, state_dead, preflight_dead) | "dead_letters" >> \
             beam.Flatten()
@@ -104,12 +108,12 @@ def _read(pipeline: beam.Pipeline, settings: JobSettings, runner: str) -> beam.P
 
 
 def sink_settings(settings: JobSettings, config: dict[str, Any], runner: str) -> SinkSettings:
-    """The sink's settings; refuses a literal API key on Dataflow (it would be in the graph)."""
+    """The sink's settings; on Dataflow only a Secret Manager key (api_key.py)."""
     options_key = settings.sink.api_key
     sink = dataclasses.replace(settings.sink, api_key=ApiKeySource.from_options(
         secret_version=options_key.secret_version, option_key=options_key.literal,
         config_api_key=config.get("settings", {}).get("apiKey")))
-    problem = literal_key_problem(sink, runner)
+    problem = sink.api_key.dataflow_problem(runner)
     if problem:
         raise OptionsError(problem)
     if not sink.api_key.configured(os.environ):
@@ -128,7 +132,8 @@ def build(pipeline: beam.Pipeline, settings: JobSettings, config: dict[str, Any]
           runner: str = "") -> None:
     """Add the whole job to `pipeline`."""
     calls, dead = _read(pipeline, settings, runner) | "plan_calls" >> PlanCalls(
-        without_api_key(config), ttl_seconds=settings.identify_state_ttl_seconds)
+        without_api_key(config), ttl_seconds=settings.identify_state_ttl_seconds,
+        max_skew_seconds=settings.max_clock_skew_seconds)
     if settings.dry_run_output is not None:
         calls | "sink" >> WriteDryRun(settings.dry_run_output, streaming=settings.streaming)
     else:

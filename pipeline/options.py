@@ -15,17 +15,19 @@ never reach Beam. `take_dry_run_flag` takes it out of the command line first; it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from transforms.json_lines import STDOUT
 from transforms.klaviyo.api_key import ApiKeySource
-from transforms.klaviyo.rate_limit import Endpoint, Limit
+from transforms.klaviyo.identify_state import DEFAULT_MAX_SKEW_SECONDS
+from transforms.klaviyo.rate_limit import Endpoint, Limit, max_keys
 from transforms.sink import SinkSettings
 
 DEFAULT_TTL = "30d"
@@ -86,6 +88,11 @@ class KlaviyoOptions(PipelineOptions):
             "--identify_state_ttl", default=DEFAULT_TTL,
             help="forget a user's identify state this long after their newest event: "
                  "seconds, or a number with s, m, h or d (default 30d)")
+        parser.add_argument(
+            "--max_clock_skew_seconds", type=float, default=DEFAULT_MAX_SKEW_SECONDS,
+            help="an event orders its profile's upserts by its timestamp, but never by more "
+                 "than this after its publish (or processing) time (default "
+                 f"{DEFAULT_MAX_SKEW_SECONDS})")
         # The Klaviyo sink (transforms/sink.py); the API key's precedence is in
         # transforms/klaviyo/api_key.py.
         parser.add_argument(
@@ -120,17 +127,17 @@ class KlaviyoOptions(PipelineOptions):
                  "bulk_events=10:150,profile_import=75:700 (endpoints: "
                  f"{', '.join(endpoint.value for endpoint in Endpoint)})")
         parser.add_argument(
-            "--klaviyo_workers", type=int, default=None,
-            help="divide the rate limits across this many workers (default: "
-                 "--max_num_workers, else 1)")
-        parser.add_argument(
             "--max_retry_seconds", type=float, default=120.0,
             help="retry a failing request for at most this long, then dead-letter it "
                  "(default 120)")
         parser.add_argument(
+            "--flush_budget_seconds", type=float, default=10.0,
+            help="a sink flush sends for at most this long; the rest waits in state for the "
+                 "next one (default 10)")
+        parser.add_argument(
             "--profile_bulk_threshold", type=int, default=100,
-            help="a batch with more profile upserts than this goes as one bulk import job "
-                 "(default 100)")
+            help="a flush with more profile upserts without null than this sends them as one "
+                 "bulk import job (default 100)")
 
 
 # What `job_settings` requires, as `run --help` marks it (Beam forbids required=True).
@@ -251,30 +258,31 @@ def parse_rate_limits(text: str | None) -> dict[Endpoint, Limit]:
     return limits
 
 
-def _sink_settings(ours: KlaviyoOptions, options: PipelineOptions, problems: list[str]
-                   ) -> SinkSettings:
+def _sink_settings(ours: KlaviyoOptions, problems: list[str]) -> SinkSettings:
     if not 1 <= ours.batch_max_events <= 1000:
         problems.append("--batch_max_events must be between 1 and 1000 (Klaviyo's bulk limit)")
     for name in ("batch_max_delay_ms", "sink_shards", "profile_bulk_threshold"):
         if getattr(ours, name) < 1:
             problems.append(f"--{name} must be at least 1")
-    if ours.rate_limit_scale <= 0 or ours.max_retry_seconds <= 0:
-        problems.append("--rate_limit_scale and --max_retry_seconds must be positive")
+    if min(ours.rate_limit_scale, ours.max_retry_seconds, ours.flush_budget_seconds) <= 0:
+        problems.append("--rate_limit_scale, --max_retry_seconds and --flush_budget_seconds "
+                        "must be positive")
     try:
         limits = parse_rate_limits(ours.rate_limits)
     except OptionsError as error:
         problems.append(str(error))
         limits = {}
-    workers = ours.klaviyo_workers or options.view_as(WorkerOptions).max_num_workers or 1
-    if workers < 1:
-        problems.append("--klaviyo_workers must be at least 1")
+    if ours.sink_shards > max_keys(limits):
+        problems.append(f"--sink_shards must be at most {max_keys(limits)}: each shard key paces "
+                        f"itself at its share of Klaviyo's limits and needs at least one request "
+                        f"per second of the bulk endpoints' burst limit")
     return SinkSettings(
         # The config's settings.apiKey joins these sources when the config is read (assembly).
         api_key=ApiKeySource(ours.klaviyo_api_key_secret or None, ours.klaviyo_api_key or None),
         base_url=ours.klaviyo_base_url or "", batch_max_events=ours.batch_max_events,
         batch_max_delay_ms=ours.batch_max_delay_ms, shards=ours.sink_shards,
-        rate_limit_scale=ours.rate_limit_scale, rate_limits=limits, workers=max(1, workers),
-        max_retry_seconds=ours.max_retry_seconds,
+        rate_limit_scale=ours.rate_limit_scale, rate_limits=limits,
+        max_retry_seconds=ours.max_retry_seconds, flush_budget_seconds=ours.flush_budget_seconds,
         profile_bulk_threshold=ours.profile_bulk_threshold)
 
 
@@ -290,6 +298,7 @@ class JobSettings:
     dead_letter_path: str | None
     dry_run_output: str | None  # None: send to Klaviyo
     identify_state_ttl_seconds: int
+    max_clock_skew_seconds: float
     streaming: bool
     sink: SinkSettings  # its API key sources still lack the config's settings.apiKey
     id_attribute: str | None = None  # Pub/Sub de-duplication attribute (Beam's id_label)
@@ -315,7 +324,9 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         problems.append("--config is required (a flow.json or a destination config)")
     if not ours.dead_letter_topic and not ours.dead_letter_path:
         problems.append("dead letters need --dead_letter_topic or --dead_letter_path")
-    sink = _sink_settings(ours, options, problems)
+    sink = _sink_settings(ours, problems)
+    if ours.max_clock_skew_seconds < 0:
+        problems.append("--max_clock_skew_seconds must not be negative")
     try:
         ttl = parse_duration(ours.identify_state_ttl)
     except OptionsError as error:
@@ -327,7 +338,9 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         source_kind=kind, source=source, config=ours.config, destination=ours.destination,
         dead_letter_topic=ours.dead_letter_topic, dead_letter_path=ours.dead_letter_path,
         dry_run_output=ours.dry_run_output, identify_state_ttl_seconds=ttl,
-        streaming=kind != "files", sink=sink, id_attribute=ours.input_id_attribute or None)
+        max_clock_skew_seconds=ours.max_clock_skew_seconds, streaming=kind != "files",
+        sink=dataclasses.replace(sink, failed_memory_seconds=float(ttl)),
+        id_attribute=ours.input_id_attribute or None)
 
 
 def pin_local_runner(options: PipelineOptions, *, streaming: bool) -> str:

@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline import version_line
-from pipeline.assembly import build, read_config
+from pipeline.assembly import build, read_config, sink_settings
 from pipeline.local_streaming import STOP, install_stop_handlers, notify_stderr, settle_leases
 from pipeline.options import (
     LOCAL_RUNNERS,
@@ -30,6 +30,8 @@ from pipeline.options import (
     unknown_options,
 )
 from transforms.dead_letters import PARSE, PLAN, SINK, STAGES
+from transforms.klaviyo.api_key import check_api_key
+from transforms.klaviyo.errors import KlaviyoConfigurationError
 from transforms.metrics import COUNTERS, NAMESPACE, dead_letter_counter_name
 from transforms.walkeros.config import ConfigError
 
@@ -98,10 +100,15 @@ def main(argv: list[str]) -> int:
         print(f"config warning: {warning}", file=sys.stderr)
 
     runner = pin_local_runner(options, streaming=settings.streaming)
-    pipeline = beam.Pipeline(options=options)
     try:
+        if settings.dry_run_output is None:  # before anything else touches a service: one request
+            sink = sink_settings(settings, loaded.config, runner)
+            unchecked = check_api_key(sink.api_key, base_url=sink.base_url)
+            if unchecked:
+                print(f"{PROG}: warning: {unchecked}", file=sys.stderr)
+        pipeline = beam.Pipeline(options=options)
         build(pipeline, settings, loaded.config, runner)
-    except OptionsError as error:
+    except (OptionsError, KlaviyoConfigurationError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     if runner not in LOCAL_RUNNERS:

@@ -20,7 +20,14 @@ from typing import Any, TextIO
 
 import orjson
 
-from transforms.klaviyo.identify_state import IdentifyState, decide
+from transforms.elements import Envelope, PlannedEvent, outgoing
+from transforms.klaviyo.identify_state import (
+    DEFAULT_MAX_SKEW_SECONDS,
+    IdentifyState,
+    Verdict,
+    decide,
+    ordering_time,
+)
 from transforms.klaviyo.plan import Call, EventPlan, Planner
 from transforms.lines import Readable, is_blank, split_lines, to_json_line
 
@@ -33,20 +40,28 @@ class Simulation:
         self.states: dict[str, IdentifyState] = {}
         self._finite_config = _finite_and_static(config)
 
-    def send_profile(self, plan: EventPlan) -> bool:
-        """The identify-state decision for this plan, updating the state (port.md D1)."""
+    def verdict(self, plan: EventPlan, order_ms: float | None) -> Verdict | None:
+        """The identify-state verdict on this plan's upsert, updating the state (port.md D1;
+        the reference time is the processing time: a JSON line has no publish time)."""
         if plan.profile is None or plan.profile_key is None or plan.timestamp_ms is None:
-            return False
-        state, send = decide(self.states.get(plan.profile_key), plan.profile.body,
-                             plan.timestamp_ms)
+            return None
+        state, verdict = decide(self.states.get(plan.profile_key), plan.profile.body, order_ms,
+                                timestamp_ms=plan.timestamp_ms)
         self.states[plan.profile_key] = state
-        return send
+        return verdict
 
     def plan(self, raw: bytes | str | dict[str, Any], now_ms: float | None = None
              ) -> tuple[EventPlan, list[Call]]:
-        """The plan for one event and the calls it makes after the identify decision."""
-        plan = self.planner.plan(raw, now_ms=time.time() * 1000 if now_ms is None else now_ms)
-        return plan, plan.calls(send_profile=self.send_profile(plan))
+        """The plan for one event and the calls it makes after the identify decision, as the
+        pipeline's identify_state stage plans them for a fresh sink."""
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
+        plan = self.planner.plan(raw, now_ms=now_ms)
+        order_ms = None if plan.timestamp_ms is None else ordering_time(
+            plan.timestamp_ms, now_ms, DEFAULT_MAX_SKEW_SECONDS * 1000)
+        verdict = self.verdict(plan, order_ms)
+        if verdict is None:
+            return plan, plan.calls(send_profile=False)
+        return plan, outgoing(PlannedEvent(Envelope(b""), plan), verdict, 0.0).planned_calls()
 
     def step(self, raw: bytes | str | dict[str, Any], now_ms: float | None = None
              ) -> dict[str, Any]:

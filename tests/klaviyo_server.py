@@ -8,7 +8,13 @@ ignored, profiles upserted by their identifiers.
 
 Faults are queued per route with `inject` and used up one per request, in order. "drop after
 write" stores the data and then closes the connection without an answer: the client sees a
-connection error and retries, which is how idempotency is proven.
+connection error and retries, which is how idempotency is proven. `poison` makes every request
+that carries a given event or profile fail for ever (a payload Klaviyo keeps choking on), and
+`latency_seconds` delays every answer (real Klaviyo takes hundreds of milliseconds).
+
+`log` records every request in the order its answer was decided (`seq`), with what it carried
+(unique_ids, profile identifiers, the import job asked about) and when it arrived on the
+server's scaled clock (`at`, in Klaviyo seconds), so tests can check ordering and rates.
 
 Usage: `pytest_plugins = ["tests.conftest_klaviyo"]` in a test module gives it the
 `klaviyo_server` fixture (started on a free port, stopped after the test); or use
@@ -36,6 +42,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 BULK_EVENTS = "POST /api/event-bulk-create-jobs"
 EVENTS = "POST /api/events"
 PROFILE_IMPORT = "POST /api/profile-import"
+GET_PROFILES = "GET /api/profiles"
 BULK_PROFILE_IMPORT = "POST /api/profile-bulk-import-jobs"
 IMPORT_JOB = "GET /api/profile-bulk-import-jobs/{id}"
 IMPORT_ERRORS = "GET /api/profile-bulk-import-jobs/{id}/import-errors"
@@ -45,6 +52,7 @@ RATE_LIMITS: dict[str, tuple[int, int]] = {
     BULK_EVENTS: (10, 150),
     EVENTS: (350, 3500),
     PROFILE_IMPORT: (75, 750),
+    GET_PROFILES: (75, 700),
     BULK_PROFILE_IMPORT: (10, 150),
     IMPORT_JOB: (10, 150),
     IMPORT_ERRORS: (10, 150),
@@ -106,10 +114,16 @@ class Fault:
 
 @dataclass(frozen=True)
 class LoggedRequest:
+    seq: int  # order in which answers were decided
+    at: float  # arrival on the server's clock, in Klaviyo seconds (`time_scale` applied)
     route: str
     status: int | None  # None: the connection was dropped without an answer
     events: int  # events in a bulk events request
     size: int  # body bytes as received
+    unique_ids: tuple[str, ...] = ()  # of the events in the body
+    profiles: tuple[str, ...] = ()  # email (else external_id) of each profile in the body
+    job_id: str = ""  # the import job a GET asked about, or a bulk import created
+    job_status: str = ""  # the status answered for it
 
 
 @dataclass
@@ -165,9 +179,16 @@ def _error(
 class KlaviyoTestServer:
     """The server state and behaviour; the HTTP part is `_Handler`."""
 
-    def __init__(self, api_key: str = "pk_test_0123456789abcdef", *, time_scale: float = 1.0):
+    def __init__(
+        self,
+        api_key: str = "pk_test_0123456789abcdef",
+        *,
+        time_scale: float = 1.0,
+        latency_seconds: float = 0.0,
+    ):
         self.api_key = api_key
         self.time_scale = time_scale  # Klaviyo seconds per real second
+        self.latency_seconds = latency_seconds  # real seconds before every answer
         self.rate_limits: dict[str, tuple[int, int]] = dict(RATE_LIMITS)
         self.events: dict[tuple[str, str, str], StoredEvent] = {}
         self.profiles: dict[str, Json] = {}
@@ -175,6 +196,8 @@ class KlaviyoTestServer:
         self.events_received = 0  # every event in an accepted request, repeats included
         self._lock = threading.Lock()
         self._faults: dict[str, deque[Fault]] = defaultdict(deque)
+        self._poisoned: set[str] = set()
+        self._seq = itertools.count(1)
         self._windows: dict[tuple[str, float], tuple[int, int]] = {}
         self._profile_by_identifier: dict[tuple[str, str], str] = {}
         self._jobs: dict[str, _Job] = {}
@@ -215,9 +238,21 @@ class KlaviyoTestServer:
             self._faults[route].extend(faults)
 
     def clear_faults(self) -> None:
-        """Drop the faults still queued: the server behaves again."""
+        """Drop the faults and poison: the server behaves again."""
         with self._lock:
             self._faults.clear()
+            self._poisoned.clear()
+
+    def poison(self, *marks: str) -> None:
+        """Answer 500 (storing nothing) to every request that carries an event with one of these
+        unique_ids or a profile with one of these emails or external_ids, for ever."""
+        with self._lock:
+            self._poisoned.update(marks)
+
+    def requests(self, route: str | None = None) -> list[LoggedRequest]:
+        """A copy of the log (of one route), in `seq` order."""
+        with self._lock:
+            return [entry for entry in self.log if route is None or entry.route == route]
 
     def statuses(self, route: str) -> list[int | None]:
         with self._lock:
@@ -236,30 +271,54 @@ class KlaviyoTestServer:
 
     # --- request handling ------------------------------------------------------------------
 
-    def handle(
-        self, method: str, path: str, headers: Any, raw: bytes
-    ) -> tuple[str, _Answer, Fault]:
-        """Decide the answer to one request; the handler carries out slow/drop faults."""
+    def handle(self, method: str, path: str, headers: Any, raw: bytes) -> tuple[_Answer, Fault]:
+        """Decide the answer to one request and log it; the handler carries out slow/drop
+        faults and the latency."""
+        arrived = time.monotonic() * self.time_scale
         route, job_id = _route(method, urlsplit(path).path)
+        answer, fault = self._decide(route, job_id, path, headers, raw)
+        events, unique_ids, profiles = _contents(route, raw)
+        if route == BULK_PROFILE_IMPORT and answer.status == 202:
+            job_id = str(_dig(answer.body, "data", "id"))
+        job_status = _dig(answer.body, "data", "attributes", "status") if job_id else ""
+        with self._lock:
+            self.log.append(
+                LoggedRequest(
+                    next(self._seq), arrived, route,
+                    None if fault.kind == "drop" else answer.status,
+                    len(events) if route == BULK_EVENTS else 0, len(raw),
+                    unique_ids, profiles, job_id, str(job_status or ""),
+                )
+            )
+        return answer, fault
+
+    def _decide(
+        self, route: str, job_id: str, path: str, headers: Any, raw: bytes
+    ) -> tuple[_Answer, Fault]:
         if headers.get("Authorization") != f"Klaviyo-API-Key {self.api_key}":
-            return route, _answer_error(401, "not_authenticated", "Incorrect authentication."), _NO
+            return _answer_error(401, "not_authenticated", "Incorrect authentication."), _NO
         with self._lock:
             fault = self._faults[route].popleft() if self._faults[route] else _NO
         if fault.kind in _ANSWERING_FAULTS:
-            return route, _ANSWERING_FAULTS[fault.kind](fault), fault
+            return _ANSWERING_FAULTS[fault.kind](fault), fault
         throttled = self._throttle(route)
         if throttled is not None:
-            return route, throttled, fault
+            return throttled, fault
+        if self._is_poisoned(route, raw):
+            return _answer_error(500, "error", "A server error occurred."), fault
         try:
             answer = self._dispatch(route, job_id, raw, parse_qs(urlsplit(path).query))
         except _Rejected as rejected:
             answer = rejected.answer
-        return route, answer, fault
+        return answer, fault
 
-    def record(self, route: str, status: int | None, raw: bytes) -> None:
-        events = _event_count(raw) if route == BULK_EVENTS else 0
+    def _is_poisoned(self, route: str, raw: bytes) -> bool:
         with self._lock:
-            self.log.append(LoggedRequest(route, status, events, len(raw)))
+            if not self._poisoned:
+                return False
+            poisoned = set(self._poisoned)
+        _, unique_ids, profiles = _contents(route, raw)
+        return not poisoned.isdisjoint(unique_ids + profiles)
 
     def _dispatch(
         self, route: str, job_id: str, raw: bytes, query: dict[str, list[str]]
@@ -270,6 +329,8 @@ class KlaviyoTestServer:
             return self._event(_document(raw))
         if route == PROFILE_IMPORT:
             return self._profile_import(_document(raw))
+        if route == GET_PROFILES:
+            return self._get_profiles()
         if route == BULK_PROFILE_IMPORT:
             return self._bulk_profile_import(_document(raw))
         if route == IMPORT_JOB:
@@ -385,6 +446,17 @@ class KlaviyoTestServer:
         self.events.setdefault(key, StoredEvent(profile_id, metric, unique_id, attributes))
 
     # --- profiles ----------------------------------------------------------------------------
+
+    def _get_profiles(self) -> _Answer:
+        """GET /api/profiles (first page): the cheap read the launch-time key check makes."""
+        with self._lock:
+            first = next(iter(self.profiles.items()), None)
+        data = [] if first is None else [{
+            "type": "profile", "id": first[0], "attributes": first[1],
+            "links": {"self": f"https://a.klaviyo.com/api/profiles/{first[0]}/"},
+        }]
+        base = "https://a.klaviyo.com/api/profiles/"
+        return _Answer(200, {"data": data, "links": {"self": base, "next": None, "prev": None}})
 
     def _profile_import(self, document: Json) -> _Answer:
         data = _require(document, "data", dict, "/data")
@@ -542,15 +614,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, raw: bytes) -> None:
         app = self.server.app
-        route, answer, fault = app.handle(self.command, self.path, self.headers, raw)
+        answer, fault = app.handle(self.command, self.path, self.headers, raw)
         if fault.kind == "drop":
-            app.record(route, None, raw)
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if fault.kind == "slow":
-            time.sleep(fault.seconds)
-        app.record(route, answer.status, raw)
+        time.sleep(app.latency_seconds + (fault.seconds if fault.kind == "slow" else 0.0))
         self._answer(answer)
 
     def _answer(self, answer: _Answer) -> None:
@@ -777,12 +846,41 @@ def _events_in(entries: Any) -> int:
     return sum(len(events) for events in counts if isinstance(events, list))
 
 
-def _event_count(raw: bytes) -> int:
+def _contents(route: str, raw: bytes) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
+    """The events, their unique_ids and the email (else external_id) of the profiles in a
+    request body, in order; empty for anything unreadable."""
     try:
-        document = json.loads(raw)
+        document = json.loads(raw) if raw else None
     except ValueError:
-        return 0
-    return _events_in(_dig(document, "data", "attributes", "events-bulk-create", "data"))
+        return [], (), ()
+    data = _dig(document, "data")
+    if route == BULK_EVENTS:
+        entries = _dig(data, "attributes", "events-bulk-create", "data")
+        entries = entries if isinstance(entries, list) else []
+        profiles = [_dig(entry, "attributes", "profile", "data", "attributes") for entry in entries]
+        events = [
+            event
+            for entry in entries
+            for event in (_dig(entry, "attributes", "events", "data") or [])
+        ]
+    elif route == EVENTS:
+        profiles = [_dig(data, "attributes", "profile", "data", "attributes")]
+        events = [data]
+    elif route == PROFILE_IMPORT:
+        profiles, events = [_dig(data, "attributes")], []
+    elif route == BULK_PROFILE_IMPORT:
+        listed = _dig(data, "attributes", "profiles", "data")
+        profiles = [_dig(profile, "attributes") for profile in listed or []]
+        events = []
+    else:
+        return [], (), ()
+    unique_ids = (_dig(event, "attributes", "unique_id") for event in events)
+    names = (_dig(profile, "email") or _dig(profile, "external_id") for profile in profiles)
+    return (
+        events,
+        tuple(str(value) for value in unique_ids if value is not None),
+        tuple(str(value) for value in names if value is not None),
+    )
 
 
 def _route(method: str, path: str) -> tuple[str, str]:

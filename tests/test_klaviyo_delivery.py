@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import Counter
 from typing import Any
@@ -26,18 +27,47 @@ from transforms.klaviyo.client import KlaviyoClient
 from transforms.klaviyo.errors import ErrorKind, KlaviyoConfigurationError
 from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
-from transforms.klaviyo.sender import DUPLICATE_IN_BATCH, DeadLetter, Delivered, KlaviyoSender
+from transforms.klaviyo.sender import (
+    DUPLICATE_IN_BATCH,
+    DeadLetter,
+    Delivered,
+    ImportJob,
+    KlaviyoSender,
+    Outcome,
+    Pending,
+    expired,
+)
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 
 ROOT = "/data/attributes/events-bulk-create/data"
 
 
+def soon(seconds: float = 60.0) -> float:
+    """A deadline on the sender's (monotonic) clock."""
+    return time.monotonic() + seconds
+
+
+def settled(outcomes: list[Outcome]) -> list[Outcome]:
+    """The outcomes once the caller's retry time is over: what is still pending is dead."""
+    return [expired(outcome) if isinstance(outcome, Pending) else outcome for outcome in outcomes]
+
+
 class RecordingMetrics:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.observed: dict[str, list[float]] = {}
+        self.gauges: dict[str, float] = {}
+        self.throttled_seconds = 0.0
         self._lock = threading.Lock()
+
+    def gauge(self, name: str, value: float) -> None:
+        with self._lock:
+            self.gauges[name] = value
+
+    def throttled(self, seconds: float) -> None:
+        with self._lock:
+            self.throttled_seconds += seconds
 
     def count(self, name: str, value: int = 1) -> None:
         with self._lock:
@@ -58,22 +88,44 @@ def make_sender(
     read_timeout: float = 5.0,
     max_events_per_request: int = 1000,
     max_request_bytes: int = 5_000_000,
+    clock: FakeTime | None = None,
 ) -> KlaviyoSender:
+    """A sender of the real SDK to the test server; with `clock`, limiter and retrier wait on
+    that fake clock (the HTTP stays real)."""
     client = KlaviyoClient(
         api_key or server.api_key, test_host=server.url, read_timeout=read_timeout
     )
-    policy = RetryPolicy(
-        max_retry_seconds=30.0, first_backoff_seconds=0.01, max_backoff_seconds=0.05
-    )
+    if clock is None:
+        limiter = RateLimiter(limits, scale=server.time_scale)
+        retrier = retrier or Retrier(
+            RetryPolicy(first_backoff_seconds=0.01, max_backoff_seconds=0.05)
+        )
+    else:
+        limiter = RateLimiter(limits, scale=server.time_scale, clock=clock, sleep=clock.sleep)
+        retrier = retrier or clock.retrier(0.01, 0.05)
     return KlaviyoSender(
         client,
-        RateLimiter(limits, scale=server.time_scale),
-        retrier or Retrier(policy),
+        limiter,
+        retrier,
         metrics,
         max_events_per_request=max_events_per_request,
         max_request_bytes=max_request_bytes,
-        job_poll_seconds=0.01,
     )
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def retrier(self, first: float, most: float) -> Retrier:
+        policy = RetryPolicy(first_backoff_seconds=first, max_backoff_seconds=most)
+        return Retrier(policy, clock=self, sleep=self.sleep, rand=lambda: 1.0)
 
 
 def event_call(
@@ -131,7 +183,9 @@ def test_events_survive_server_faults(klaviyo_server: KlaviyoTestServer, fault: 
     klaviyo_server.inject(BULK_EVENTS, fault, fault)
     metrics = RecordingMetrics()
 
-    outcomes = make_sender(klaviyo_server, metrics=metrics).send_events(many_events(30))
+    outcomes = make_sender(klaviyo_server, metrics=metrics).send_events(
+        many_events(30), deadline=soon()
+    )
 
     assert outcomes == [Delivered()] * 30
     assert_stored_exactly_once(klaviyo_server, 30)
@@ -144,7 +198,7 @@ def test_events_written_before_the_connection_dropped_are_not_stored_twice(
 ) -> None:
     klaviyo_server.inject(BULK_EVENTS, Fault.drop_after_write(), Fault.drop_after_write())
 
-    make_sender(klaviyo_server).send_events(many_events(30))
+    make_sender(klaviyo_server).send_events(many_events(30), deadline=soon())
 
     assert klaviyo_server.statuses(BULK_EVENTS) == [None, None, 202]
     assert klaviyo_server.events_received == 90  # Klaviyo got every event three times...
@@ -158,7 +212,7 @@ def test_a_slow_answer_times_out_and_the_retry_is_idempotent(
     metrics = RecordingMetrics()
 
     outcomes = make_sender(klaviyo_server, metrics=metrics, read_timeout=0.3).send_events(
-        many_events(20)
+        many_events(20), deadline=soon()
     )
 
     assert outcomes == [Delivered()] * 20
@@ -172,7 +226,9 @@ def test_a_429_storm_is_waited_out(klaviyo_server: KlaviyoTestServer) -> None:
     klaviyo_server.inject(BULK_EVENTS, Fault.throttle(1), Fault.throttle(1))
     metrics = RecordingMetrics()
 
-    outcomes = make_sender(klaviyo_server, metrics=metrics).send_events(many_events(10))
+    outcomes = make_sender(klaviyo_server, metrics=metrics).send_events(
+        many_events(10), deadline=soon()
+    )
 
     assert outcomes == [Delivered()] * 10
     assert klaviyo_server.statuses(BULK_EVENTS) == [429, 429, 202]
@@ -194,7 +250,7 @@ def test_the_servers_own_rate_limit_is_survived() -> None:
             limits={Endpoint.BULK_EVENTS: Limit(1000, 100_000)},
         )
 
-        outcomes = sender.send_events(many_events(10))
+        outcomes = sender.send_events(many_events(10), deadline=soon())
 
         assert outcomes == [Delivered()] * 10
         assert 429 in server.statuses(BULK_EVENTS)
@@ -212,7 +268,7 @@ def test_threads_sharing_one_sender_deliver_everything_once(
     outcomes: list[Any] = []
 
     def send(part: list[tuple[str, dict[str, Any]]]) -> None:
-        outcomes.extend(sender.send_events(part))
+        outcomes.extend(sender.send_events(part, deadline=soon()))
 
     threads = [threading.Thread(target=send, args=(calls[i::8],)) for i in range(8)]
     for thread in threads:
@@ -230,7 +286,9 @@ def test_threads_sharing_one_sender_deliver_everything_once(
 def test_large_sends_are_split_into_requests_of_at_most_1000_events(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:
-    outcomes = make_sender(klaviyo_server).send_events(many_events(2500, profiles=300))
+    outcomes = make_sender(klaviyo_server).send_events(
+        many_events(2500, profiles=300), deadline=soon()
+    )
 
     assert outcomes == [Delivered()] * 2500
     assert [entry.events for entry in klaviyo_server.log] == [1000, 1000, 500]
@@ -243,7 +301,7 @@ def test_requests_stay_under_the_byte_limit_on_the_wire(klaviyo_server: KlaviyoT
         for i in range(300)
     ]
 
-    make_sender(klaviyo_server, max_request_bytes=30_000).send_events(calls)
+    make_sender(klaviyo_server, max_request_bytes=30_000).send_events(calls, deadline=soon())
 
     assert len(klaviyo_server.log) > 1
     assert all(entry.size < 30_000 for entry in klaviyo_server.log)
@@ -255,7 +313,7 @@ def test_repeats_in_a_batch_are_sent_once_and_reported_delivered(
 ) -> None:
     calls = [event_call("evt-0"), event_call("evt-1"), event_call("evt-0")]
 
-    outcomes = make_sender(klaviyo_server).send_events(calls)
+    outcomes = make_sender(klaviyo_server).send_events(calls, deadline=soon())
 
     assert outcomes == [Delivered(), Delivered(), Delivered(DUPLICATE_IN_BATCH)]
     assert klaviyo_server.statuses(BULK_EVENTS) == [202]
@@ -270,7 +328,7 @@ def test_a_rejected_entry_is_dead_lettered_and_the_rest_delivered(
     calls.append(event_call("evt-6", email="not-an-email"))
     calls.append(event_call("evt-7", email="not-an-email"))
 
-    outcomes = make_sender(klaviyo_server).send_events(calls)
+    outcomes = make_sender(klaviyo_server).send_events(calls, deadline=soon())
 
     assert [type(outcome) for outcome in outcomes] == [Delivered] * 4 + [
         DeadLetter,
@@ -301,7 +359,7 @@ def test_an_event_the_sdk_refuses_is_isolated_too(klaviyo_server: KlaviyoTestSer
     calls = many_events(4, profiles=2)
     calls[1] = event_call("evt-1", email="p1@example.com", value="9.99")  # must be a number
 
-    outcomes = make_sender(klaviyo_server).send_events(calls)
+    outcomes = make_sender(klaviyo_server).send_events(calls, deadline=soon())
 
     assert [type(outcome) for outcome in outcomes] == [Delivered, DeadLetter, Delivered, Delivered]
     refused = outcomes[1]
@@ -316,7 +374,7 @@ def test_a_repeat_of_a_dead_lettered_event_shares_its_fate(
 ) -> None:
     bad = event_call("evt-0", time="1999-01-01T00:00:00Z")
 
-    outcomes = make_sender(klaviyo_server).send_events([bad, bad])
+    outcomes = make_sender(klaviyo_server).send_events([bad, bad], deadline=soon())
 
     assert all(isinstance(outcome, DeadLetter) for outcome in outcomes)
     assert isinstance(outcomes[1], DeadLetter)
@@ -326,34 +384,141 @@ def test_a_repeat_of_a_dead_lettered_event_shares_its_fate(
 # --- retry deadline ----------------------------------------------------------------------------
 
 
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def test_retries_stop_at_the_deadline_with_the_last_error(
+def test_retries_use_the_time_up_to_the_deadline_then_the_calls_are_pending(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:
-    klaviyo_server.inject(BULK_EVENTS, *[Fault.error(503)] * 20)
-    fake = FakeTime()  # the retrier's waits are simulated, the HTTP is real
-    policy = RetryPolicy(max_retry_seconds=10, first_backoff_seconds=1, max_backoff_seconds=8)
-    retrier = Retrier(policy, clock=fake, sleep=fake.sleep, rand=lambda: 1.0)
+    """An outage (every request 503): the request is retried, split without evidence of health
+    at most twice, and every part is retried until a last attempt at the deadline."""
+    klaviyo_server.inject(BULK_EVENTS, *[Fault.error(503)] * 30)
+    fake = FakeTime()  # the waits are simulated, the HTTP is real
+    sender = make_sender(klaviyo_server, retrier=fake.retrier(1, 8), clock=fake)
 
-    outcomes = make_sender(klaviyo_server, retrier=retrier).send_events(many_events(3))
+    outcomes = sender.send_events(many_events(3), deadline=10.0)
 
-    assert klaviyo_server.statuses(BULK_EVENTS) == [503] * 4  # waits 1 + 2 + 4; 8 more is late
-    outcome = outcomes[0]
-    assert outcomes == [outcome] * 3
-    assert isinstance(outcome, DeadLetter)
-    assert (outcome.failure.kind, outcome.failure.status) == (ErrorKind.TRANSIENT, 503)
-    assert outcome.reason.startswith("not delivered before the deadline (503)")
+    # whole: 0, 1, 3 → halves of 1 and 2 events: 3, 4, 6 → the 2-event half split at 6;
+    # every part: 6 or 7, 9, and 10 (the deadline)
+    assert klaviyo_server.statuses(BULK_EVENTS) == [503] * 18
+    assert fake.now == 10.0
+    assert all(isinstance(outcome, Pending) for outcome in outcomes)
+    dead = settled(outcomes)[0]
+    assert isinstance(dead, DeadLetter)
+    assert (dead.failure.kind, dead.failure.status) == (ErrorKind.TRANSIENT, 503)
+    assert dead.reason.startswith("not delivered before the deadline (503)")
     assert klaviyo_server.stored_unique_ids() == []
+
+
+def test_no_attempt_starts_after_the_deadline(klaviyo_server: KlaviyoTestServer) -> None:
+    fake = FakeTime()
+    sender = make_sender(klaviyo_server, retrier=fake.retrier(1, 8), clock=fake)
+
+    late = sender.send_events(many_events(2), deadline=-1.0)
+    no_room = make_sender(klaviyo_server, limits={Endpoint.PROFILE_IMPORT: Limit(1, 1)}, clock=fake)
+    first = no_room.send_profile(profile_call(email="a@example.com"), deadline=0.5)
+    second = no_room.send_profile(profile_call(email="b@example.com"), deadline=0.5)
+
+    assert late == [Pending(None)] * 2
+    assert (first, second) == (Delivered(), Pending(None))  # the limiter had no room in time
+    assert fake.now == 0.0  # and nobody slept for it
+    assert klaviyo_server.statuses(BULK_EVENTS) == []
+    assert settled([second])[0] == expired(Pending(None))
+
+
+def test_waiting_is_reported_as_throttling(klaviyo_server: KlaviyoTestServer) -> None:
+    klaviyo_server.inject(BULK_EVENTS, Fault.error(503), Fault.error(503))
+    fake = FakeTime()
+    metrics = RecordingMetrics()
+    limits = {Endpoint.BULK_EVENTS: Limit(1, 60)}
+    sender = make_sender(
+        klaviyo_server, metrics=metrics, retrier=fake.retrier(1, 8), limits=limits, clock=fake
+    )
+
+    outcomes = sender.send_events(many_events(2), deadline=60.0)
+
+    assert outcomes == [Delivered()] * 2
+    # backoffs of 1 and 2 s; the limiter (1 per 1/60 s... scaled) adds its own waits
+    assert metrics.throttled_seconds == fake.now
+    assert fake.now >= 3.0
+    assert metrics.counts["bulk_events_granted"] == 3
+    assert metrics.gauges["bulk_events_allowed_per_minute"] == 60 * klaviyo_server.time_scale
+    assert metrics.gauges["bulk_events_rate_percent"] == 100
+
+
+# --- one bad payload never takes its batch -----------------------------------------------------
+
+
+def real_time_sender(
+    server: KlaviyoTestServer, metrics: RecordingMetrics | None = None
+) -> KlaviyoSender:
+    """Bisection sends many requests quickly: pace them on the real clock the server counts on."""
+    retrier = Retrier(RetryPolicy(first_backoff_seconds=0.1, max_backoff_seconds=0.5))
+    return make_sender(server, metrics=metrics, retrier=retrier)
+
+
+def test_a_poison_payload_among_300_events_is_isolated(klaviyo_server: KlaviyoTestServer) -> None:
+    """Klaviyo answers 500 to any request carrying evt-137: bisection finds it; every other
+    event is delivered, and only it ends pending (and is dead-lettered when time is up)."""
+    klaviyo_server.poison("evt-137")
+    metrics = RecordingMetrics()
+    sender = real_time_sender(klaviyo_server, metrics)
+
+    outcomes = settled(sender.send_events(many_events(300, profiles=40), deadline=soon(1.5)))
+
+    assert [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, Delivered)] == [137]
+    poison = outcomes[137]
+    assert isinstance(poison, DeadLetter)
+    assert poison.failure.status == 500
+    assert len(klaviyo_server.stored_unique_ids()) == 299
+    assert metrics.counts["bulk_events_splits"] <= 10  # log2(300) levels, one split each
+    assert 429 not in klaviyo_server.statuses(BULK_EVENTS)
+
+
+def test_two_poisons_in_one_request_are_both_isolated(klaviyo_server: KlaviyoTestServer) -> None:
+    klaviyo_server.poison("evt-3", "evt-250")  # one in each half of the first split
+
+    outcomes = real_time_sender(klaviyo_server).send_events(
+        many_events(300, profiles=40), deadline=soon(3)
+    )
+
+    assert [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Pending)] == [3, 250]
+    assert len(klaviyo_server.stored_unique_ids()) == 298
+
+
+def test_an_outage_is_not_bisected_into_many_requests(klaviyo_server: KlaviyoTestServer) -> None:
+    klaviyo_server.inject(BULK_EVENTS, *[Fault.error(500)] * 100)
+    fake = FakeTime()
+    metrics = RecordingMetrics()
+    sender = make_sender(klaviyo_server, metrics=metrics, retrier=fake.retrier(0.5, 4), clock=fake)
+
+    outcomes = sender.send_events(many_events(1000, profiles=100), deadline=30.0)
+
+    assert all(isinstance(outcome, Pending) for outcome in outcomes)
+    assert metrics.counts["bulk_events_splits"] == 2  # then three parts back off together
+    assert len(klaviyo_server.statuses(BULK_EVENTS)) < 40  # three parts, ~12 attempts each
+
+
+# --- one retry layer ---------------------------------------------------------------------------
+
+
+def test_urllib3_does_not_retry_underneath(klaviyo_server: KlaviyoTestServer) -> None:
+    """A dropped connection on a GET (which urllib3's default Retry(3) would resend unseen) is
+    one request on the server and one counted attempt here."""
+    metrics = RecordingMetrics()
+    sender = make_sender(klaviyo_server, metrics=metrics)
+    ((job, indexes),) = sender.start_profile_import(
+        [profile_call(email="ann@example.com")], deadline=soon()
+    )[0]
+    klaviyo_server.inject(IMPORT_JOB, Fault.drop_after_write())
+
+    polled = sender.poll_profile_import(
+        job, [profile_call(email="ann@example.com")], deadline=soon()
+    )
+
+    assert indexes == [0]
+    assert isinstance(polled, list) and isinstance(polled[0], Pending)
+    assert polled[0].failure is not None and polled[0].failure.label == "connection"
+    assert klaviyo_server.statuses(IMPORT_JOB) == [None]
+    assert metrics.counts["import_jobs_requests_connection"] == 1
+    assert sender._client._sdk.configuration.retries.total == 0
 
 
 # --- configuration errors stop the job ---------------------------------------------------------
@@ -363,9 +528,9 @@ def test_a_wrong_key_raises_the_configuration_error(klaviyo_server: KlaviyoTestS
     sender = make_sender(klaviyo_server, api_key="pk_wrong")
 
     with pytest.raises(KlaviyoConfigurationError, match="401"):
-        sender.send_events(many_events(2))
+        sender.send_events(many_events(2), deadline=soon())
     with pytest.raises(KlaviyoConfigurationError, match="401"):
-        sender.send_profile(profile_call(email="ann@example.com"))
+        sender.send_profile(profile_call(email="ann@example.com"), deadline=soon())
     assert klaviyo_server.statuses(BULK_EVENTS) == [401]  # not retried
 
 
@@ -373,7 +538,9 @@ def test_a_json_403_raises_the_configuration_error(klaviyo_server: KlaviyoTestSe
     klaviyo_server.inject(PROFILE_IMPORT, Fault.forbidden())
 
     with pytest.raises(KlaviyoConfigurationError, match="permission"):
-        make_sender(klaviyo_server).send_profile(profile_call(email="ann@example.com"))
+        make_sender(klaviyo_server).send_profile(
+            profile_call(email="ann@example.com"), deadline=soon()
+        )
 
 
 # --- profiles ----------------------------------------------------------------------------------
@@ -385,10 +552,11 @@ def test_profile_upserts_create_then_update(klaviyo_server: KlaviyoTestServer) -
     klaviyo_server.inject(PROFILE_IMPORT, Fault.error(502), Fault.drop_after_write())
 
     first = sender.send_profile(
-        profile_call(email="ann@example.com", first_name="Ann", title="CTO")
+        profile_call(email="ann@example.com", first_name="Ann", title="CTO"), deadline=soon()
     )
     second = sender.send_profile(
-        profile_call(email="ann@example.com", title=None, properties={"tier": "gold"})
+        profile_call(email="ann@example.com", title=None, properties={"tier": "gold"}),
+        deadline=soon(),
     )
 
     assert (first, second) == (Delivered(), Delivered())
@@ -405,11 +573,13 @@ def test_profile_conflicts_and_bad_data_are_dead_lettered(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:
     sender = make_sender(klaviyo_server)
-    sender.send_profile(profile_call(email="ann@example.com"))
-    sender.send_profile(profile_call(external_id="user-2"))
+    sender.send_profile(profile_call(email="ann@example.com"), deadline=soon())
+    sender.send_profile(profile_call(external_id="user-2"), deadline=soon())
 
-    conflict = sender.send_profile(profile_call(email="ann@example.com", external_id="user-2"))
-    invalid = sender.send_profile(profile_call(email="ann-at-example.com"))
+    conflict = sender.send_profile(
+        profile_call(email="ann@example.com", external_id="user-2"), deadline=soon()
+    )
+    invalid = sender.send_profile(profile_call(email="ann-at-example.com"), deadline=soon())
 
     assert isinstance(conflict, DeadLetter)
     assert conflict.failure.status == 409
@@ -418,7 +588,7 @@ def test_profile_conflicts_and_bad_data_are_dead_lettered(
     assert invalid.failure.errors[0].pointer == "/data/attributes/email"
 
 
-def test_bulk_profile_import_waits_for_the_job_and_maps_its_errors_back(
+def test_bulk_profile_import_is_started_then_polled_and_maps_its_errors_back(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:
     good = [profile_call(email=f"p{i}@example.com", first_name="P") for i in range(20)]
@@ -426,12 +596,23 @@ def test_bulk_profile_import_waits_for_the_job_and_maps_its_errors_back(
     calls = [call for pair in zip(good, bad[:20], strict=True) for call in pair] + bad[20:]
     klaviyo_server.inject(BULK_PROFILE_IMPORT, Fault.error(503))
     klaviyo_server.inject(IMPORT_JOB, Fault.error(500))
+    sender = make_sender(klaviyo_server)
 
-    outcomes = make_sender(klaviyo_server).import_profiles(calls)
+    jobs, outcomes = sender.start_profile_import(calls, deadline=soon())
+    ((job, indexes),) = jobs
+    job_calls = [calls[index] for index in indexes]
+    polls = [sender.poll_profile_import(job, job_calls, deadline=soon()) for _ in range(3)]
 
-    delivered = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Delivered)]
+    assert outcomes == {}
+    assert indexes == list(range(150))
+    assert ImportJob.from_json(job.to_json()) == job
+    failed_poll, running, done = polls
+    assert failed_poll is not None and all(isinstance(o, Pending) for o in failed_poll)
+    assert running is None
+    assert done is not None
+    delivered = [i for i, outcome in enumerate(done) if isinstance(outcome, Delivered)]
     assert delivered == list(range(0, 40, 2))
-    failed = outcomes[1]
+    failed = done[1]
     assert isinstance(failed, DeadLetter)
     assert "Invalid email address" in failed.reason
     assert klaviyo_server.profile(email="p7@example.com") == {
@@ -443,20 +624,20 @@ def test_bulk_profile_import_waits_for_the_job_and_maps_its_errors_back(
     assert klaviyo_server.statuses(IMPORT_ERRORS) == [200, 200]
 
 
-def test_an_import_job_that_does_not_finish_in_time_is_dead_lettered(
+def test_an_import_job_not_submitted_in_time_is_pending(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:
-    client = KlaviyoClient(klaviyo_server.api_key, test_host=klaviyo_server.url)
-    limiter = RateLimiter(scale=klaviyo_server.time_scale)
-    sender = KlaviyoSender(client, limiter, Retrier(), job_timeout_seconds=0)
+    klaviyo_server.inject(BULK_PROFILE_IMPORT, *[Fault.error(503)] * 10)
+    fake = FakeTime()
+    sender = make_sender(klaviyo_server, retrier=fake.retrier(1, 1), clock=fake)
 
-    outcomes = sender.import_profiles([profile_call(email="ann@example.com")])
+    jobs, outcomes = sender.start_profile_import(
+        [profile_call(email="ann@example.com")], deadline=2.0
+    )
 
-    (outcome,) = outcomes
-    assert isinstance(outcome, DeadLetter)
-    assert (outcome.failure.kind, outcome.failure.label) == (ErrorKind.TRANSIENT, "job_timeout")
-    assert "outcome is unknown" in outcome.reason
-    assert klaviyo_server.statuses(IMPORT_JOB) == [200]
+    assert jobs == []
+    assert isinstance(outcomes[0], Pending)
+    assert klaviyo_server.statuses(BULK_PROFILE_IMPORT) == [503] * 3  # at 0, 1 and 2
 
 
 # --- the API key never leaks -------------------------------------------------------------------
@@ -470,26 +651,37 @@ def test_the_api_key_never_appears_in_errors_reprs_or_logs(
     caplog.set_level(logging.DEBUG)  # urllib3 and the SDK log at DEBUG
     seen: list[str] = []
     fake = FakeTime()
-    policy = RetryPolicy(max_retry_seconds=2, first_backoff_seconds=0.5, max_backoff_seconds=1)
-    retrier = Retrier(policy, clock=fake, sleep=fake.sleep, rand=lambda: 1.0)
     with KlaviyoTestServer(api_key=SECRET, time_scale=60.0) as server:
-        sender = make_sender(server, api_key=SECRET, retrier=retrier, read_timeout=0.2)
-        refused = make_sender(server, api_key=SECRET, retrier=retrier)  # used once it stopped
-        # Each send gives up after 3 attempts: waits of 0.5 and 1 s, and 1 s more is too late.
-        server.inject(BULK_EVENTS, *[Fault.error(500)] * 3, *[Fault.slow(0.5)] * 3)
-        seen += map(repr, sender.send_events(many_events(3)))  # 500s until the deadline
-        seen += map(repr, sender.send_events(many_events(3)))  # timeouts until the deadline
-        seen += map(repr, sender.send_events([event_call("evt-x", time="not a time")]))
-        seen.append(repr(sender.send_profile(profile_call(email="bad"))))
+
+        def sender(**options: Any) -> KlaviyoSender:
+            return make_sender(
+                server, api_key=SECRET, retrier=fake.retrier(0.5, 1), clock=fake, **options
+            )
+
+        def send(calls: list[tuple[str, dict[str, Any]]]) -> None:
+            seen.extend(
+                map(
+                    repr,
+                    settled(sender(read_timeout=0.2).send_events(calls, deadline=fake.now + 2)),
+                )
+            )
+
+        refused = sender()  # used once the server stopped
+        # One event (nothing to split): attempts at 0, 0.5, 1.5 and the deadline 2.
+        server.inject(BULK_EVENTS, *[Fault.error(500)] * 4, *[Fault.slow(0.5)] * 4)
+        send(many_events(1))  # 500s until the deadline
+        send(many_events(1))  # timeouts until the deadline
+        send([event_call("evt-x", time="not a time")])
+        seen.append(repr(sender().send_profile(profile_call(email="bad"), deadline=fake.now + 2)))
         server.inject(PROFILE_IMPORT, Fault.forbidden())
         try:
-            sender.send_profile(profile_call(email="ann@example.com"))
+            sender().send_profile(profile_call(email="ann@example.com"), deadline=fake.now + 2)
         except KlaviyoConfigurationError as exc:
             seen.append("".join(traceback.format_exception(exc)))
-        seen += [repr(sender), repr(sender._client)]
-    seen += map(repr, refused.send_events(many_events(1)))  # connection refused
+        seen += [repr(refused), repr(refused._client)]
+    seen += map(repr, settled(refused.send_events(many_events(1), deadline=fake.now + 2)))
 
-    assert len(seen) > 10
+    assert len(seen) >= 8
     assert any("DeadLetter" in text for text in seen)
     assert any("KlaviyoConfigurationError" in text for text in seen)
     assert "retrying" in caplog.text

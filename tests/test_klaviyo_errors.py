@@ -164,7 +164,7 @@ def test_sdk_validation_names_the_bulk_entry_like_klaviyo_would() -> None:
     }
 
     with pytest.raises(KlaviyoCallError) as raised:
-        client.bulk_create_events(body)
+        client.encode_bulk_events(body)
 
     failure = raised.value.failure
     assert (failure.kind, failure.label) == (ErrorKind.PERMANENT, "invalid_request")

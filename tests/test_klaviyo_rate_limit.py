@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
-from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
+from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter, max_keys
+
+M = 1.01  # the limiter holds each window 1 % longer (requests take time to reach Klaviyo)
 
 
 class FakeClock:
@@ -36,9 +38,9 @@ def limiter(
     clock: FakeClock,
     limits: dict[Endpoint, Limit] | None = None,
     scale: float = 1.0,
-    divide_by: int = 1,
+    share: float = 1.0,
 ) -> RateLimiter:
-    return RateLimiter(limits, scale=scale, divide_by=divide_by, clock=clock, sleep=clock.sleep)
+    return RateLimiter(limits, scale=scale, share=share, clock=clock, sleep=clock.sleep)
 
 
 def grant_times(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> list[float]:
@@ -47,6 +49,15 @@ def grant_times(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> list
         rate_limiter.acquire(Endpoint.BULK_EVENTS)
         times.append(clock.now)
     return times
+
+
+def keep_throttling(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> None:
+    """`count` 429s, each for a request granted after the previous 429, all within a minute."""
+    for _ in range(count):
+        granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
+        clock.sleep(0.5)
+        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None, granted_at=granted_at)
+        clock.sleep(0.5)
 
 
 def most_in_any_window(times: list[float], seconds: float) -> int:
@@ -62,9 +73,9 @@ def test_published_burst_then_steady_limits() -> None:
     times = grant_times(limiter(clock), clock, 160)
 
     assert times[:10] == [0.0] * 10  # Klaviyo's burst: 10 per second
-    assert times[10] == 1.0
+    assert times[10] == pytest.approx(M)  # a second, and the margin for the way to Klaviyo
     assert times[149] < 60.0
-    assert times[150] == 60.0  # steady: 150 per minute
+    assert times[150] == pytest.approx(60.0 * M)  # steady: 150 per minute
     assert most_in_any_window(times, 1.0) == 10
     assert most_in_any_window(times, 60.0) == 150
 
@@ -86,25 +97,39 @@ def test_scale_shortens_the_windows() -> None:
     times = grant_times(limiter(clock, scale=60), clock, 151)
 
     assert times[9] == 0.0
-    assert times[10] == pytest.approx(1 / 60)
-    assert times[150] == pytest.approx(1.0)  # a "minute" of a 60x faster test server
+    assert times[10] == pytest.approx(M / 60)
+    assert times[150] == pytest.approx(M)  # a "minute" of a 60x faster test server
 
 
-def test_divide_by_keeps_each_worker_to_its_share() -> None:
+def test_a_share_keeps_each_key_to_its_part_of_the_account_limit() -> None:
     clock = FakeClock()
+    rate_limiter = limiter(clock, share=1 / 4)
 
-    times = grant_times(limiter(clock, divide_by=4), clock, 40)
+    times = grant_times(rate_limiter, clock, 40)
 
     assert most_in_any_window(times, 1.0) == 2  # 10/4 rounds down: never over the share
-    assert most_in_any_window(times, 60.0) <= 37  # 150/4
+    assert most_in_any_window(times, 60.0) == 37  # 150/4 rounds down
+    assert rate_limiter.budget(Endpoint.BULK_EVENTS) == (37.0, 1.0)
 
 
-def test_a_share_below_one_per_window_spaces_requests_out() -> None:
+def test_no_share_is_below_one_request_per_window() -> None:
+    """Ten keys of one request per second each fit the bulk burst of 10; eleven cannot."""
+    assert max_keys() == 10
+    assert max_keys({Endpoint.BULK_EVENTS: Limit(4, 20)}) == 4
+    RateLimiter(share=1 / 10)
+    with pytest.raises(ValueError, match="at most 10 keys"):
+        RateLimiter(share=1 / 11)
+
+
+def test_a_backed_off_rate_below_one_per_window_spaces_requests_out() -> None:
     clock = FakeClock()
+    rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(2, 600)})
+    keep_throttling(rate_limiter, clock, 3)  # a 429, then two that keep coming: two halvings
+    clock.sleep(60)
 
-    times = grant_times(limiter(clock, divide_by=20), clock, 3)
+    times = grant_times(rate_limiter, clock, 3)
 
-    assert times == [0.0, 2.0, 4.0]  # 10/20 per second is one request every 2 seconds
+    assert [t - times[0] for t in times] == pytest.approx([0.0, 2 * M, 4 * M])  # one every 2 s
 
 
 def test_overrides_replace_the_published_limit() -> None:
@@ -112,7 +137,7 @@ def test_overrides_replace_the_published_limit() -> None:
 
     times = grant_times(limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(1, 60)}), clock, 3)
 
-    assert times == [0.0, 1.0, 2.0]
+    assert times == pytest.approx([0.0, M, 2 * M])
 
 
 def test_a_lone_429_pauses_for_retry_after_and_keeps_the_rate() -> None:
@@ -125,7 +150,7 @@ def test_a_lone_429_pauses_for_retry_after_and_keeps_the_rate() -> None:
     times = grant_times(rate_limiter, clock, 11)
 
     assert times[:10] == [4.5] * 10  # after the pause, the full burst
-    assert times[10] == 5.5
+    assert times[10] == pytest.approx(4.5 + M)
 
 
 def test_429s_of_requests_in_flight_together_count_once() -> None:
@@ -139,17 +164,13 @@ def test_429s_of_requests_in_flight_together_count_once() -> None:
     times = grant_times(rate_limiter, clock, 11)
 
     assert times[:10] == [2.5] * 10  # one throttling, not four: the rate is whole
-    assert times[10] == 3.5
+    assert times[10] == pytest.approx(2.5 + M)
 
 
 def test_429s_that_keep_coming_slow_down_and_successes_win_the_rate_back() -> None:
     clock = FakeClock()
     rate_limiter = limiter(clock)
-    for _ in range(4):  # each request granted after the previous 429, all within a minute
-        granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
-        clock.sleep(0.5)
-        rate_limiter.throttled(Endpoint.BULK_EVENTS, retry_after=None, granted_at=granted_at)
-        clock.sleep(0.5)
+    keep_throttling(rate_limiter, clock, 4)
 
     clock.sleep(60)
     slow = grant_times(rate_limiter, clock, 2)
@@ -158,9 +179,9 @@ def test_429s_that_keep_coming_slow_down_and_successes_win_the_rate_back() -> No
     clock.sleep(60)
     fast = grant_times(rate_limiter, clock, 11)
 
-    assert slow[1] - slow[0] == 1.0  # a lone 429, then three halvings: 10 / 8 per second is 1
+    assert slow[1] - slow[0] == pytest.approx(M)  # a lone 429, three halvings: 10/8 per s is 1
     assert fast[9] == fast[0]
-    assert fast[10] == fast[0] + 1.0
+    assert fast[10] == pytest.approx(fast[0] + M)
 
 
 def test_threads_sharing_a_limiter_never_exceed_it() -> None:
@@ -190,4 +211,48 @@ def test_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError):
         RateLimiter(scale=0)
     with pytest.raises(ValueError):
-        RateLimiter(divide_by=0)
+        RateLimiter(share=0)
+    with pytest.raises(ValueError):
+        RateLimiter(share=1.5)
+
+
+def test_a_request_that_cannot_be_granted_by_the_deadline_is_not_counted() -> None:
+    clock = FakeClock()
+    rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(1, 60)})
+    rate_limiter.acquire(Endpoint.BULK_EVENTS)
+
+    refused = rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=0.5)
+    granted = rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=1.1)
+
+    assert refused is None
+    assert clock.now == pytest.approx(M)  # the refusal did not sleep; the grant waited
+    assert granted == pytest.approx(M)  # the refused request took no slot
+    assert rate_limiter.acquire(Endpoint.BULK_EVENTS, deadline=1.5) is None
+
+
+def test_a_key_moved_to_another_process_keeps_its_pacing() -> None:
+    """The limiter of a key's new process takes over the grants made in the old one (the two
+    have unrelated monotonic clocks; wall-clock time is what they share)."""
+    old_clock, new_clock = FakeClock(), FakeClock()
+    new_clock.now = 5000.0
+    wall = FakeClock()
+
+    def wall_time() -> float:
+        return 1_700_000_000 + wall.now
+
+    old = RateLimiter(scale=60, clock=old_clock, sleep=old_clock.sleep, wall=wall_time)
+    grant_times(old, old_clock, 150)  # a full steady minute (of the 60x faster server)
+    new = RateLimiter(scale=60, clock=new_clock, sleep=new_clock.sleep, wall=wall_time)
+    snapshot = old.snapshot()
+
+    new.restore(snapshot)
+    granted = new.acquire(Endpoint.BULK_EVENTS)
+
+    # the window of the first grant (old_clock.now ago) closes M later: the new limiter waits
+    assert granted == pytest.approx(5000.0 + M - old_clock.now, abs=0.002)
+    assert granted > 5000.5
+    fresh = RateLimiter(scale=60, clock=new_clock, sleep=new_clock.sleep, wall=wall_time)
+    assert fresh.acquire(Endpoint.BULK_EVENTS) == new_clock.now  # the control: no history
+    assert len(snapshot) < 4000
+    new.restore(b"")  # an empty state: nothing recorded
+    assert new.snapshot() == b"{}"

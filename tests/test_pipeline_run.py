@@ -174,3 +174,9 @@ def test_streaming_on_the_direct_runner_uses_the_stoppable_read() -> None:
         assert pin_local_runner(PipelineOptions(argv), streaming=True) == "BundleBasedDirectRunner"
     assert pin_local_runner(PipelineOptions(["--runner", "DirectRunner"]),
                             streaming=False) == "DirectRunner"
+
+
+def test_more_shards_than_the_limits_can_pace_are_refused() -> None:
+    with pytest.raises(OptionsError, match="--sink_shards must be at most 10"):
+        job_settings(PipelineOptions(["--input", "x.jsonl", "--config", "c.json",
+                                      "--dead_letter_path", "d", "--sink_shards", "11"]))

@@ -16,7 +16,7 @@ from apache_beam.utils.timestamp import Timestamp
 from pipeline.assembly import PlanCalls
 from pipeline.run_job import counter_totals
 from transforms.dead_letters import DeadLetterRecord
-from transforms.dry_run import dry_run_record
+from transforms.dry_run import dry_run_records
 from transforms.parse import Parse, envelope_of
 from transforms.walkeros.config import load_config
 
@@ -59,7 +59,7 @@ def run(tmp_path_factory: pytest.TempPathFactory
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
     calls, dead = pipeline | beam.Create(messages) | PlanCalls(
         CONFIG, ttl_seconds=86_400, clock=lambda: NOW_S)
-    calls | "calls" >> beam.Map(dry_run_record) | "calls_json" >> beam.Map(json.dumps) | \
+    calls | "calls" >> beam.FlatMap(dry_run_records) | "calls_json" >> beam.Map(json.dumps) | \
         "write_calls" >> beam.io.WriteToText(str(out / "calls"))
     dead | "dead" >> beam.Map(DeadLetterRecord.to_json) | "dead_json" >> beam.Map(json.dumps) | \
         "write_dead" >> beam.io.WriteToText(str(out / "dead"))
@@ -128,7 +128,8 @@ def test_outcomes_are_counted(run: Any) -> None:
     _, _, counters = run
     assert counters == {"events_in": 7, "invalid": 1, "consent": 1, "no_identifier": 1,
                         "ignored": 1,
-                        "events_planned": 3, "profiles_planned": 3, "dry_run_calls": 5}
+                        "events_planned": 3, "profiles_planned": 3, "profiles_out_of_range": 1,
+                        "dry_run_calls": 5}
 
 
 def test_element_timestamp_stands_in_for_a_missing_publish_time() -> None:

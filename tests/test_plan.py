@@ -9,7 +9,7 @@ from openapi_client.models import EventCreateQueryV2, ProfileUpsertQuery
 
 from pipeline.bench import EXAMPLES
 from pipeline.simulate import Simulation
-from transforms.klaviyo.identify_state import IdentifyState, decide
+from transforms.klaviyo.identify_state import Verdict, decide
 from transforms.klaviyo.plan import (
     CONSENT,
     IGNORED,
@@ -146,14 +146,15 @@ def test_identify_state_sends_only_real_changes_and_never_older_ones() -> None:
     body_a = {"data": {"attributes": {"first_name": "A", "n": 1}}}
     same_a = {"data": {"attributes": {"n": 1.0, "first_name": "A"}}}
     body_b = {"data": {"attributes": {"first_name": "B"}}}
-    state, send = decide(None, body_a, 100)
-    assert send
-    state, send = decide(state, same_a, 200)
-    assert not send and state.newest_ms == 200
-    state, send = decide(state, body_b, 150)  # older than the newest: never overwrites
-    assert not send and state == IdentifyState(state.last_body, 200)
-    state, send = decide(state, body_b, 200)  # equal time is not older
-    assert send
+    state, verdict = decide(None, body_a, 100, timestamp_ms=100)
+    assert verdict is Verdict.CHANGED
+    state, verdict = decide(state, same_a, 200, timestamp_ms=200)
+    assert verdict is Verdict.UNCHANGED and state.newest_ms == 200  # a hint for the sink
+    before = state
+    state, verdict = decide(state, body_b, 150, timestamp_ms=150)  # older: never overwrites
+    assert verdict is Verdict.OLDER and state == before
+    state, verdict = decide(state, body_b, 200, timestamp_ms=200)  # equal time is not older
+    assert verdict is Verdict.CHANGED
 
 
 def test_planned_bodies_are_accepted_by_the_sdk_models() -> None:

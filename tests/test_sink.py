@@ -1,9 +1,12 @@
 """The Beam sink against the local Klaviyo test server: batching bounds, the flush at the end of
-input (what a drain does), bulk 400 isolation, faults, and a refused key stopping the job."""
+input (what a drain does), bulk 400 isolation, faults, and a refused key stopping the job.
+The identify-state outcomes (newest wins, upsert before event, null, replay) are in
+tests/test_sink_profiles.py."""
 
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import apache_beam as beam
@@ -17,34 +20,35 @@ from apache_beam.utils.timestamp import Timestamp
 from pipeline.run_job import counter_totals
 from tests.klaviyo_server import BULK_EVENTS, PROFILE_IMPORT, Fault, KlaviyoTestServer
 from transforms.dead_letters import SINK
-from transforms.elements import Envelope, OutgoingCall
+from transforms.elements import Envelope, OutgoingEvent
 from transforms.klaviyo.api_key import ApiKeySource
 from transforms.klaviyo.errors import KlaviyoConfigurationError
 from transforms.klaviyo.plan import Call
 from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
 from transforms.metrics import dead_letter_reason_counter_name
-from transforms.sink import SendToKlaviyo, SinkSettings, literal_key_problem, shard_key
+from transforms.sink import SendToKlaviyo, SinkSettings, shard_key
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 TIME = "2026-11-28T10:00:00.000Z"
 
 
 def event_call(index: int, *, email: str | None = None, time: str = TIME,
-               **attributes: Any) -> OutgoingCall:
+               **attributes: Any) -> OutgoingEvent:
     profile = {"email": email or f"user{index % 7}@example.org"}
     body = {"data": {"type": "event", "attributes": {
         "profile": {"data": {"type": "profile", "attributes": profile}},
         "metric": {"data": {"type": "metric", "attributes": {"name": "Viewed Product"}}},
         "properties": {"n": index}, "time": time, "unique_id": f"e-{index}", **attributes}}}
     payload = json.dumps({"name": "product view", "id": f"e-{index}"}).encode()
-    return OutgoingCall(Envelope(payload), f"e-{index}", profile["email"],
-                        Call(CREATE_EVENT, body))
+    return OutgoingEvent(Envelope(payload), f"e-{index}", profile["email"], 0.0,
+                         event=Call(CREATE_EVENT, body))
 
 
-def profile_call(index: int) -> OutgoingCall:
+def profile_call(index: int) -> OutgoingEvent:
     email = f"user{index}@example.org"
     body = {"data": {"type": "profile", "attributes": {"email": email, "first_name": f"N{index}"}}}
-    return OutgoingCall(Envelope(b"{}"), f"p-{index}", email, Call(CREATE_OR_UPDATE_PROFILE, body))
+    return OutgoingEvent(Envelope(b"{}"), f"p-{index}", email, 1.7e12,
+                         Call(CREATE_OR_UPDATE_PROFILE, body), profile_changed=True)
 
 
 def settings(server: KlaviyoTestServer, **overrides: Any) -> SinkSettings:
@@ -63,7 +67,7 @@ def _collect(record: Any) -> None:
     _DEAD_LETTERS.append(record.to_json())
 
 
-def run_sink(calls: list[OutgoingCall], sink: SinkSettings
+def run_sink(calls: list[OutgoingEvent], sink: SinkSettings
              ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Run the sink on FnApiRunner; the dead letters as JSON, and the pipeline's counters."""
     _DEAD_LETTERS.clear()
@@ -75,7 +79,7 @@ def run_sink(calls: list[OutgoingCall], sink: SinkSettings
     return list(_DEAD_LETTERS), counter_totals(result)
 
 
-def run_batch(calls: list[OutgoingCall], sink: SinkSettings) -> list[dict[str, Any]]:
+def run_batch(calls: list[OutgoingEvent], sink: SinkSettings) -> list[dict[str, Any]]:
     """Run the sink on FnApiRunner; the dead letters as JSON."""
     return run_sink(calls, sink)[0]
 
@@ -198,17 +202,16 @@ def test_a_partial_batch_is_sent_after_the_delay(klaviyo_server: KlaviyoTestServ
     assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(6))
 
 
-def test_shard_keys_are_stable_and_lane_separated() -> None:
-    assert shard_key(event_call(1, email="a@x.org"), 8) == shard_key(event_call(2, email="a@x.org"),
-                                                                      8)
-    assert shard_key(profile_call(1), 8).startswith("profiles/")
-    assert shard_key(event_call(1), 8).startswith("events/")
+def test_a_profiles_upserts_and_events_share_a_stable_key() -> None:
+    assert shard_key(event_call(1, email="user1@example.org"), 8) == shard_key(profile_call(1), 8)
+    assert shard_key(event_call(1, email="a@x.org"), 8) == f"shard/{zlib.crc32(b'a@x.org') % 8}"
 
 
-def test_literal_keys_are_refused_on_dataflow() -> None:
-    literal = SinkSettings(ApiKeySource(literal="pk_x"))
-    assert literal_key_problem(literal, "DataflowRunner")
-    assert literal_key_problem(literal, "FnApiRunner") is None
-    secret = SinkSettings(ApiKeySource(secret_version="projects/p/secrets/k/versions/latest"))
-    assert literal_key_problem(secret, "DataflowRunner") is None
-    assert "pk_x" not in repr(literal)
+
+def test_waiting_is_counted_as_throttling(klaviyo_server: KlaviyoTestServer) -> None:
+    """A 429 with Retry-After: 2 is waited out, and the wait is reported in Beam's
+    cumulativeThrottlingSeconds (what Dataflow's autoscaler reads)."""
+    klaviyo_server.inject(BULK_EVENTS, Fault.throttle(2))
+    dead, counters = run_sink([event_call(index) for index in range(3)], settings(klaviyo_server))
+    assert dead == [] and counters["events_delivered"] == 3
+    assert counters["cumulativeThrottlingSeconds"] >= 1

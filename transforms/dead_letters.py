@@ -173,6 +173,10 @@ def _count(record: DeadLetterRecord) -> DeadLetterRecord:
     return record
 
 
+def _as_json(record: DeadLetterRecord) -> tuple[dict[str, Any]]:
+    return (record.to_json(),)
+
+
 class WriteDeadLetters(beam.PTransform):
     """Counts dead letters by stage and writes them to a Pub/Sub topic and/or files."""
 
@@ -194,6 +198,5 @@ class WriteDeadLetters(beam.PTransform):
              | "publish" >> WriteToPubSub(self.topic, with_attributes=True))
         if self.path:
             counted | "write" >> WriteJsonLines(self.path, streaming=self.streaming,
-                                                to_value=DeadLetterRecord.to_json,
-                                                clock=self.clock)
+                                                to_values=_as_json, clock=self.clock)
         return beam.pvalue.PDone(records.pipeline)

@@ -10,25 +10,26 @@ One line per call, in no particular order:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
 
-from transforms.elements import OutgoingCall
+from transforms.elements import OutgoingEvent
 from transforms.json_lines import WriteJsonLines
 from transforms.metrics import counter
 
 
-def dry_run_record(outgoing: OutgoingCall) -> dict[str, Any]:
-    """The line written for one call, counted as `dry_run_calls`."""
-    counter("dry_run_calls").inc()
-    return {"event_id": outgoing.event_id, "method": outgoing.call.method,
-            "body": outgoing.call.body}
+def dry_run_records(outgoing: OutgoingEvent) -> Iterator[dict[str, Any]]:
+    """The lines written for one event's calls (as a fresh sink would send them), each
+    counted as `dry_run_calls`."""
+    for call in outgoing.planned_calls():
+        counter("dry_run_calls").inc()
+        yield {"event_id": outgoing.event_id, "method": call.method, "body": call.body}
 
 
 class WriteDryRun(beam.PTransform):
-    """Outgoing calls → JSON Lines at `destination` (`-` for stdout, or a file path prefix)."""
+    """Outgoing events → JSON Lines at `destination` (`-` for stdout, or a file path prefix)."""
 
     def __init__(self, destination: str, *, streaming: bool,
                  clock: Callable[[], float] = time.time) -> None:
@@ -39,5 +40,5 @@ class WriteDryRun(beam.PTransform):
 
     def expand(self, calls: beam.PCollection) -> beam.pvalue.PDone:
         calls | "write" >> WriteJsonLines(self.destination, streaming=self.streaming,
-                                          to_value=dry_run_record, clock=self.clock)
+                                          to_values=dry_run_records, clock=self.clock)
         return beam.pvalue.PDone(calls.pipeline)

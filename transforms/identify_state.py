@@ -1,11 +1,13 @@
-"""Stage `identify_state`: per profile key, send a profile upsert only on a real change (D1).
+"""Stage `identify_state`: per profile key, plan a profile upsert only on a real change (D1).
 
-The decision itself is transforms/klaviyo/identify_state.py; here it gets Beam keyed state, so
-that it holds per user, across workers and restarts. Events whose plan has no identify body do
-not touch the state and skip the shuffle.
+The decision itself is transforms/klaviyo/identify_state.py (the ordering time, the verdicts and
+why an unchanged body still travels on as a hint); here it gets Beam keyed state, so that it holds
+per user, across workers and restarts. Events whose plan has no identify body do not touch the
+state and skip the shuffle. Every planned event leaves as one `OutgoingEvent` with both its calls.
 
 Arrival order is whatever the runner delivers: `decide` is built for that (an event older than
-the newest one seen for the key never overwrites newer profile data).
+the newest one seen for the key never overwrites newer profile data), and the sink keeps newest
+wins for what a later shuffle reorders.
 
 State expiry: a key's state is cleared `ttl` after the newest element timestamp seen for the key
 (for Pub/Sub the publish time), by an event-time timer. Event time rather than processing time
@@ -20,11 +22,18 @@ because:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.coders import FloatCoder, NullableCoder, StrUtf8Coder, TimestampCoder, TupleCoder
+from apache_beam.coders import (
+    BytesCoder,
+    FloatCoder,
+    NullableCoder,
+    TimestampCoder,
+    TupleCoder,
+)
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -32,20 +41,35 @@ from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.dead_letters import DEAD_LETTERS, IDENTIFY_STATE, unexpected
-from transforms.elements import OutgoingCall, PlannedEvent
-from transforms.klaviyo.identify_state import IdentifyState, decide
+from transforms.elements import (
+    OutgoingEvent,
+    PlannedEvent,
+    decode_planned,
+    encode_planned,
+    outgoing,
+)
+from transforms.klaviyo.identify_state import (
+    DEFAULT_MAX_SKEW_SECONDS,
+    IdentifyState,
+    Verdict,
+    decide,
+    ordering_time,
+    sink_order,
+)
 from transforms.metrics import counter
 
 _EVENT_ONLY = "event_only"
-# (last body sent as canonical JSON, newest event time in ms): explicit coders, so that the
+# (digest of the last body planned, newest ordering time in ms): explicit coders, so that the
 # stored state does not depend on how a Python class pickles (Dataflow update compatibility).
-_STATE_CODER = TupleCoder([NullableCoder(StrUtf8Coder()), NullableCoder(FloatCoder())])
+_STATE_CODER = TupleCoder([NullableCoder(BytesCoder()), NullableCoder(FloatCoder())])
+# Each verdict's counter; an out-of-range upsert is also counted as planned.
+_COUNTERS = {Verdict.CHANGED: ("profiles_planned",), Verdict.UNCHANGED: ("profiles_unchanged",),
+             Verdict.OLDER: ("profiles_out_of_order",),
+             Verdict.OUT_OF_RANGE: ("profiles_planned", "profiles_out_of_range")}
 
 
-def _calls(planned: PlannedEvent, *, send_profile: bool) -> Iterator[OutgoingCall]:
-    plan = planned.plan
-    for call in plan.calls(send_profile=send_profile):
-        yield OutgoingCall(planned.envelope, plan.event_id, plan.profile_key, call)
+def _event_only(planned: PlannedEvent) -> OutgoingEvent:
+    return outgoing(planned, None, planned.plan.timestamp_ms or 0.0)
 
 
 class _IdentifyStateFn(beam.DoFn):
@@ -53,8 +77,11 @@ class _IdentifyStateFn(beam.DoFn):
     EXPIRES_AT = ReadModifyWriteStateSpec("expires_at", TimestampCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, ttl_seconds: int) -> None:
+    def __init__(self, ttl_seconds: int, max_skew_seconds: float,
+                 clock: Callable[[], float]) -> None:
         self._ttl = Duration(seconds=ttl_seconds)
+        self._max_skew_ms = max_skew_seconds * 1000
+        self._clock = clock
 
     # Beam fills the parameters below through marker defaults (TimestampParam, StateParam, …)
     # whose types mypy cannot match with what is passed at run time: they are typed `Any`.
@@ -66,26 +93,28 @@ class _IdentifyStateFn(beam.DoFn):
         state: Any = beam.DoFn.StateParam(STATE),
         expires_at: Any = beam.DoFn.StateParam(EXPIRES_AT),
         expiry: Any = beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[OutgoingCall | TaggedOutput]:
+    ) -> Iterator[OutgoingEvent | TaggedOutput]:
         planned = keyed[1]
         plan = planned.plan
         assert plan.profile is not None and plan.timestamp_ms is not None
+        publish_ms = planned.envelope.publish_time_ms
+        reference_ms = publish_ms if publish_ms is not None else self._clock() * 1000
+        order_ms = ordering_time(plan.timestamp_ms, reference_ms, self._max_skew_ms)
+        sink_ms = sink_order(plan.timestamp_ms, reference_ms, self._max_skew_ms)
         try:
             stored = state.read()
             before = IdentifyState(*stored) if stored is not None else IdentifyState()
-            after, send = decide(before, plan.profile.body, plan.timestamp_ms)
+            after, verdict = decide(before, plan.profile.body, order_ms,
+                                    timestamp_ms=plan.timestamp_ms)
         except Exception as error:  # noqa: BLE001 - see dead_letters.unexpected
             yield unexpected(IDENTIFY_STATE, planned.envelope, error)
             return
-        state.write((after.last_body, after.newest_ms))
-        if send:
-            counter("profiles_planned").inc()
-        elif before.newest_ms is not None and plan.timestamp_ms < before.newest_ms:
-            counter("profiles_out_of_order").inc()
-        else:
-            counter("profiles_unchanged").inc()
-        self._extend_expiry(timestamp, window, expires_at, expiry)
-        yield from _calls(planned, send_profile=send)
+        for name in _COUNTERS[verdict]:
+            counter(name).inc()
+        if after != before:
+            state.write((after.digest, after.newest_ms))
+            self._extend_expiry(timestamp, window, expires_at, expiry)
+        yield outgoing(planned, verdict, sink_ms)
 
     def _extend_expiry(self, timestamp: Timestamp, window: BoundedWindow,
                        expires_at: Any, expiry: Any) -> None:
@@ -107,6 +136,22 @@ class _IdentifyStateFn(beam.DoFn):
         expires_at.clear()
 
 
+class PlannedEventCoder(beam.coders.Coder):
+    """The explicit coder of the identify state's input (elements.encode_planned)."""
+
+    def encode(self, value: PlannedEvent) -> bytes:
+        return encode_planned(value)
+
+    def decode(self, encoded: bytes) -> PlannedEvent:
+        return decode_planned(encoded)
+
+    def is_deterministic(self) -> bool:
+        return True
+
+
+beam.coders.registry.register_coder(PlannedEvent, PlannedEventCoder)
+
+
 def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | TaggedOutput]:
     """A plan with an identify body, keyed by its profile for the state; the others pass by:
     there is nothing for the state to decide."""
@@ -118,17 +163,22 @@ def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | T
 
 
 class ApplyIdentifyState(beam.PTransform):
-    """Planned events → (outgoing calls, dead letters)."""
+    """Planned events → (outgoing events, dead letters)."""
 
-    def __init__(self, *, ttl_seconds: int) -> None:
+    def __init__(self, *, ttl_seconds: int,
+                 max_skew_seconds: float = DEFAULT_MAX_SKEW_SECONDS,
+                 clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.ttl_seconds = ttl_seconds
+        self.max_skew_seconds = max_skew_seconds
+        self.clock = clock
 
     def expand(self, planned: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
-            tuple[str, Any]).with_outputs(_EVENT_ONLY, main="keyed")
-        decided = routed.keyed | "decide" >> beam.ParDo(
-            _IdentifyStateFn(self.ttl_seconds)).with_outputs(DEAD_LETTERS, main="calls")
-        direct = routed[_EVENT_ONLY] | "event_only" >> beam.FlatMap(_calls, send_profile=False)
+            tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
+        decided = routed.keyed | "decide" >> beam.ParDo(_IdentifyStateFn(
+            self.ttl_seconds, self.max_skew_seconds, self.clock)).with_outputs(
+            DEAD_LETTERS, main="calls")
+        direct = routed[_EVENT_ONLY] | "event_only" >> beam.Map(_event_only)
         calls = (decided.calls, direct) | "calls" >> beam.Flatten()
         return calls, decided[DEAD_LETTERS]

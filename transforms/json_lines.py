@@ -13,7 +13,7 @@ therefore stamped with the current time (never earlier than its own) before it i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -46,39 +46,41 @@ class _StampNow(beam.DoFn):
         yield window.TimestampedValue(line, max(Timestamp.of(self.clock()), timestamp))
 
 
-def _same(value: Any) -> Any:
-    return value
+def _itself(value: Any) -> Iterable[Any]:
+    return (value,)
 
 
-class _JsonLine:
-    """element → to_value(element) → its JSON line, in one step: a JSON value holding a lone
+class _JsonLines:
+    """element → to_values(element) → their JSON lines, in one step: a JSON value holding a lone
     surrogate must never be an element between two steps, where Beam's coder encodes its
     strings as strict UTF-8 and fails the bundle; the line has it escaped."""
 
-    def __init__(self, to_value: Callable[[Any], Any]) -> None:
-        self.to_value = to_value
+    def __init__(self, to_values: Callable[[Any], Iterable[Any]]) -> None:
+        self.to_values = to_values
 
-    def __call__(self, element: Any) -> str:
-        return to_json_line(self.to_value(element))
+    def __call__(self, element: Any) -> Iterator[str]:
+        for value in self.to_values(element):
+            yield to_json_line(value)
 
 
 class WriteJsonLines(beam.PTransform):
     """Elements → JSON Lines at `destination`: `-` for stdout, else a file path prefix (local
-    or gs://). `to_value` makes each element a JSON value (default: it is one already).
+    or gs://). `to_values` makes each element any number of JSON values (default: the element
+    is one already).
 
     `clock` (seconds) stamps the lines of a streaming run; tests pass their own."""
 
     def __init__(self, destination: str, *, streaming: bool,
-                 to_value: Callable[[Any], Any] = _same,
+                 to_values: Callable[[Any], Iterable[Any]] = _itself,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self.destination = destination
         self.streaming = streaming
-        self.to_value = to_value
+        self.to_values = to_values
         self.clock = clock
 
     def expand(self, values: beam.PCollection) -> beam.PCollection:
-        lines = values | "to_json" >> beam.Map(_JsonLine(self.to_value))
+        lines = values | "to_json" >> beam.FlatMap(_JsonLines(self.to_values))
         if self.destination == STDOUT:
             return lines | "print" >> beam.Map(_print_line)
         if not self.streaming:

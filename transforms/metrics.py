@@ -27,9 +27,13 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("profiles_planned", "profile upserts planned"),
     ("profiles_unchanged", "profile upserts skipped: unchanged"),
     ("profiles_out_of_order", "profile upserts skipped: older than newest"),
+    ("profiles_out_of_range", "profile upserts of events outside Klaviyo's time range"),
     ("dry_run_calls", "calls written (dry run)"),
     ("events_delivered", "events delivered to Klaviyo"),
     ("profiles_delivered", "profile upserts delivered to Klaviyo"),
+    ("profiles_superseded", "profile upserts not sent: a newer one of the profile went"),
+    ("profiles_older_than_delivered", "profile upserts not sent: older than one delivered"),
+    ("profiles_repaired", "unchanged upserts sent again after a dead letter"),
 )
 
 

@@ -1,31 +1,45 @@
 """Stage `preflight`: a call Klaviyo would reject (transforms/klaviyo/preflight.py) is a dead
 letter before it is sent, so that it cannot fail a whole bulk request (port.md D6). The other
-calls of the same event go on.
+call of the same event goes on.
+
+A hint (an unchanged upsert, transforms/klaviyo/identify_state.py) with problems is dropped
+without a dead letter: the equal body it repeats was dead-lettered here already.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.pvalue import TaggedOutput
 
 from transforms.dead_letters import DEAD_LETTERS, PREFLIGHT, dead_letter
-from transforms.elements import OutgoingCall
+from transforms.elements import OutgoingEvent
+from transforms.klaviyo.plan import Call
 
 
-def _check(outgoing: OutgoingCall) -> Iterator[OutgoingCall | TaggedOutput]:
-    call = outgoing.call
-    if call.problems:
-        reason = f"{call.method}: {'; '.join(call.problems)}"
-        yield dead_letter(outgoing.envelope, PREFLIGHT, reason, event_id=outgoing.event_id,
-                          call=call)
-    else:
-        yield outgoing
+def _problem(outgoing: OutgoingEvent, call: Call) -> TaggedOutput:
+    reason = f"{call.method}: {'; '.join(call.problems)}"
+    return dead_letter(outgoing.envelope, PREFLIGHT, reason, event_id=outgoing.event_id,
+                       call=call)
+
+
+def _check(outgoing: OutgoingEvent) -> Iterator[OutgoingEvent | TaggedOutput]:
+    profile, event = outgoing.profile, outgoing.event
+    if profile is not None and profile.problems:
+        if outgoing.profile_changed:
+            yield _problem(outgoing, profile)
+        profile = None
+    if event is not None and event.problems:
+        yield _problem(outgoing, event)
+        event = None
+    if profile is not None or event is not None:
+        yield dataclasses.replace(outgoing, profile=profile, event=event)
 
 
 class Preflight(beam.PTransform):
-    """Outgoing calls → (calls to send, dead letters)."""
+    """Outgoing events → (events to send, dead letters)."""
 
     def expand(self, calls: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         outputs = calls | "check" >> beam.FlatMap(_check).with_outputs(DEAD_LETTERS, main="ok")

@@ -15,6 +15,9 @@ Klaviyo's rules for bulk events (POST /api/event-bulk-create-jobs):
 
 Bulk profile import (POST /api/profile-bulk-import-jobs) takes up to 10,000 profiles and 5 MB,
 and its errors point at `/data/attributes/profiles/data/<i>`.
+
+A request Klaviyo keeps failing on without naming an entry (a 5xx, a dropped connection) may be
+caused by one payload: `halves` splits a request so the sender can bisect down to it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class Batch(Protocol):
 
     def without(self, indexes: Collection[int]) -> Self | None: ...
 
+    def halves(self) -> tuple[Self, Self] | None:
+        """Two requests with half of the calls each; None for a single call."""
+        ...
+
 
 @dataclass(frozen=True)
 class EventBatch:
@@ -70,13 +77,16 @@ class EventBatch:
     entries: tuple[tuple[Json, tuple[Item, ...]], ...]
 
     @classmethod
-    def of(cls, items: Sequence[Item]) -> EventBatch:
-        """Group create_event attribute dicts (each with its `profile`) by profile."""
+    def of(cls, items: Sequence[Item], profile_keys: Mapping[int, str] | None = None
+           ) -> EventBatch:
+        """Group create_event attribute dicts (each with its `profile`) by profile;
+        `profile_keys` gives the canonical profile of an index when it is already known."""
         grouped: dict[str, tuple[Json, list[Item]]] = {}
         for index, attributes in items:
             profile = attributes["profile"]
             event = {key: value for key, value in attributes.items() if key != "profile"}
-            grouped.setdefault(_canonical(profile), (profile, []))[1].append((index, event))
+            key = profile_keys[index] if profile_keys is not None else _canonical(profile)
+            grouped.setdefault(key, (profile, []))[1].append((index, event))
         return cls(tuple((profile, tuple(events)) for profile, events in grouped.values()))
 
     @property
@@ -122,6 +132,17 @@ class EventBatch:
         )
         return EventBatch(entries) if entries else None
 
+    def halves(self) -> tuple[EventBatch, EventBatch] | None:
+        items = [
+            (index, {**event, "profile": profile})
+            for profile, events in self.entries
+            for index, event in events
+        ]
+        if len(items) < 2:
+            return None
+        middle = len(items) // 2
+        return EventBatch.of(items[:middle]), EventBatch.of(items[middle:])
+
 
 @dataclass(frozen=True)
 class ProfileBatch:
@@ -162,6 +183,36 @@ class ProfileBatch:
         kept = tuple(item for item in self.profiles if item[0] not in indexes)
         return ProfileBatch(kept) if kept else None
 
+    def halves(self) -> tuple[ProfileBatch, ProfileBatch] | None:
+        if len(self.profiles) < 2:
+            return None
+        middle = len(self.profiles) // 2
+        return ProfileBatch(self.profiles[:middle]), ProfileBatch(self.profiles[middle:])
+
+
+@dataclass(frozen=True)
+class SingleCall:
+    """One request carrying one call (a profile-import upsert): sent as it is, never split."""
+
+    index: int
+    request_body: Json
+
+    @property
+    def indexes(self) -> list[int]:
+        return [self.index]
+
+    def body(self) -> Json:
+        return self.request_body
+
+    def calls_at(self, pointer: str) -> tuple[int, ...]:
+        return ()  # an error of a single call is that call's: no entry to isolate
+
+    def without(self, indexes: Collection[int]) -> SingleCall | None:
+        return None if self.index in indexes else self
+
+    def halves(self) -> None:
+        return None
+
 
 @dataclass(frozen=True)
 class EventPlan:
@@ -184,22 +235,20 @@ def plan_event_batches(
     first_seen: dict[tuple[str, str, str], int] = {}
     duplicates: dict[int, int] = {}
     items: list[Item] = []
+    profile_keys: dict[int, str] = {}
     for index, body in enumerate(create_event_bodies):
         attributes = body["data"]["attributes"]
+        profile_keys[index] = profile_key = _canonical(attributes["profile"])
         unique_id = attributes.get("unique_id")
         if unique_id is not None:
-            key = (
-                _canonical(attributes["profile"]),
-                attributes["metric"]["data"]["attributes"]["name"],
-                unique_id,
-            )
+            key = (profile_key, attributes["metric"]["data"]["attributes"]["name"], unique_id)
             if key in first_seen:
                 duplicates[index] = first_seen[key]
                 continue
             first_seen[key] = index
         items.append((index, attributes))
     chunks = _chunks(items, max_events, max_bytes)
-    return EventPlan([EventBatch.of(chunk) for chunk in chunks], duplicates)
+    return EventPlan([EventBatch.of(chunk, profile_keys) for chunk in chunks], duplicates)
 
 
 def plan_profile_batches(
@@ -216,15 +265,29 @@ def plan_profile_batches(
 def _chunks(items: Sequence[Item], max_count: int, max_bytes: int) -> list[list[Item]]:
     """Consecutive runs of at most `max_count` items whose estimated wire size is < `max_bytes`.
 
-    An item too large on its own still gets a request of its own: Klaviyo's rejection of it is
-    then dead-lettered like any other.
+    A run of `max_count` is measured as a whole first (one `json.dumps` instead of one per item:
+    nearly every run is far below the limit); only a run too large is split item by item.
     """
+    chunks: list[list[Item]] = []
+    for start in range(0, len(items), max_count):
+        run = list(items[start : start + max_count])
+        whole = len(json.dumps([part for _, part in run])) + _SDK_GROWTH_PER_ITEM * len(run)
+        if _REQUEST_OVERHEAD + whole < max_bytes:
+            chunks.append(run)
+        else:
+            chunks += _chunks_by_size(run, max_bytes)
+    return chunks
+
+
+def _chunks_by_size(items: Sequence[Item], max_bytes: int) -> list[list[Item]]:
+    """Consecutive runs whose estimated wire size is < `max_bytes`. An item too large on its own
+    still gets a request of its own: Klaviyo's rejection of it is then dead-lettered."""
     chunks: list[list[Item]] = []
     current: list[Item] = []
     current_bytes = _REQUEST_OVERHEAD
     for item in items:
         item_bytes = len(json.dumps(item[1])) + _SDK_GROWTH_PER_ITEM
-        if current and (len(current) >= max_count or current_bytes + item_bytes >= max_bytes):
+        if current and current_bytes + item_bytes >= max_bytes:
             chunks.append(current)
             current, current_bytes = [], _REQUEST_OVERHEAD
         current.append(item)

@@ -1,26 +1,45 @@
-"""Client-side rate limiting per Klaviyo endpoint family, shared by the threads of one process.
+"""Client-side rate limiting per Klaviyo endpoint family, for one sender of the account.
 
 Klaviyo counts requests per account in fixed windows: a burst window of one second and a steady
 window of one minute, per endpoint family. Staying under both is cheaper than collecting 429s, so
-every request first calls `RateLimiter.acquire(endpoint)`.
+every request first calls `RateLimiter.acquire(endpoint, deadline=...)`.
 
 Each window is enforced as a sliding window ("at most n requests in any `seconds`-long span"),
-which implies at most n in every fixed window Klaviyo may use, whatever its alignment.
+which implies at most n in every fixed window Klaviyo may use, whatever its alignment. The span
+is held 1 % longer than the window: the limiter counts a request when it grants it, Klaviyo when
+it arrives, and a request delayed on its way (CPU, network) must not land in the next window
+beside the ones granted a full window after it.
 
 Knobs:
 - `limits`: per-endpoint overrides of Klaviyo's published limits.
 - `scale`: all limits are `scale` times higher. It is applied by shortening the windows, so a
   test server whose clock runs `scale` times faster is matched exactly, and bursts against a
   raised-limit account stay spread out.
-- `divide_by`: the number of processes (workers) sharing the account's quota; each process keeps
-  to its share.
+- `share`: the fraction of the account's limits this limiter may use. The sink builds one
+  limiter per `lane/shard` key with `share = 1 / shards`: a key is processed serially wherever
+  the runner puts it, so the keys together never exceed the account's limits, on one process or
+  on a hundred, and they reach them when every key has work. Dividing by a worker count instead
+  is wrong both ways (workers run several SDK processes; only those hosting keys send).
+  Each key's share is rounded down to whole requests per window, and it must be at least one
+  (`max_keys`): keys that could each send one request every other second would, without a
+  common clock, sometimes all send in the same second of Klaviyo's.
+
+A key's pacing must travel with the key: a runner moves keys between processes (FnApiRunner
+with several workers does so on every bundle, Dataflow when it rebalances), and a fresh limiter
+there would not know the grants just made elsewhere. `snapshot` gives the recent grants as
+bytes for the key's Beam state, `restore` takes them over in whichever process the key runs
+next; times travel as wall-clock time, comparable across processes (and NTP-synchronised
+workers).
+
+`acquire` never waits past the caller's `deadline`: a request that could not be granted by then
+is not counted and the caller keeps it for later, so no flush sleeps for minutes.
 
 Every 429 pauses the endpoint for Retry-After. A lone 429 is expected now and then even when
 every limit is kept: the limiter counts a request when it grants it, Klaviyo when it arrives, and
 the SDK's validation and serialization in between take from 0.1 s to over a second when threads
 compete for the CPU, so a fixed window of Klaviyo's can catch one request too many. Such a 429
 costs only the pause: that window was full anyway. When 429s keep coming (another client shares
-the account, or workers outnumber `divide_by`) the limiter also halves its rate, and each success
+the account, or a share is set too high) the limiter also halves its rate, and each success
 wins back a little. "Keep coming" means a 429 for a request granted after an earlier 429 that is
 less than a steady window old. The 429s of requests that were in flight together count once:
 otherwise four threads meeting one full window would cut the rate to a sixteenth.
@@ -28,6 +47,7 @@ otherwise four threads meeting one full window would cut the rate to a sixteenth
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -35,6 +55,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, overload
 
 
 class Endpoint(StrEnum):
@@ -61,6 +82,7 @@ PUBLISHED_LIMITS: Mapping[Endpoint, Limit] = {
     Endpoint.IMPORT_JOBS: Limit(10, 150),
 }
 
+_ARRIVAL_MARGIN = 1.01  # spans held this much longer than Klaviyo's windows (module docstring)
 _SLOWEST_FACTOR = 1 / 16  # never slow down below this share of the configured rate
 _RECOVERY_STEP = 1 / 32  # rate share won back per successful request
 
@@ -83,6 +105,14 @@ class _Window:
     def record(self, now: float) -> None:
         self._sent.append(now)
 
+    def recent(self, now: float) -> list[float]:
+        """The grants still inside the window's span at `now`."""
+        return [sent for sent in self._sent if sent + self._seconds > now]
+
+    def replace(self, sent: list[float]) -> None:
+        self._sent.clear()
+        self._sent.extend(sorted(sent))
+
 
 def _whole_requests(count: float, seconds: float) -> tuple[int, float]:
     """Express "count per seconds" as whole requests without ever exceeding the rate.
@@ -95,45 +125,72 @@ def _whole_requests(count: float, seconds: float) -> tuple[int, float]:
     return 1, seconds / count
 
 
+def _later_ms(seconds: float) -> float:
+    """Rounded up to the millisecond: compact, and a grant never seems older than it is."""
+    return math.ceil(seconds * 1000) / 1000
+
+
 class _EndpointLimiter:
-    def __init__(self, limit: Limit, scale: float, divide_by: int) -> None:
+    def __init__(self, limit: Limit, scale: float, share: float) -> None:
         self.lock = threading.Lock()
         self.windows = (
-            _Window(limit.burst_per_second / divide_by, 1.0 / scale),
-            _Window(limit.steady_per_minute / divide_by, 60.0 / scale),
+            _Window(limit.burst_per_second * share, _ARRIVAL_MARGIN / scale),
+            _Window(limit.steady_per_minute * share, 60.0 * _ARRIVAL_MARGIN / scale),
         )
+        count, seconds = _whole_requests(limit.steady_per_minute * share, 60.0 / scale)
+        self.allowed_per_minute = count * 60.0 / seconds  # real minutes, after rounding down
         self.factor = 1.0
         self.paused_until = -math.inf
         self.throttled_at = -math.inf  # when the latest 429 came back
         self.repeat_seconds = 60.0 / scale  # a 429 sooner than this after another one repeats it
 
 
+def max_keys(limits: Mapping[Endpoint, Limit] | None = None) -> int:
+    """How many keys can share these limits (merged with the published ones) with at least one
+    request per window each: 10 with Klaviyo's published limits (the bulk endpoints' burst)."""
+    merged = {**PUBLISHED_LIMITS, **(limits or {})}
+    return math.floor(min(min(limit.burst_per_second, limit.steady_per_minute)
+                          for limit in merged.values()))
+
+
 class RateLimiter:
-    """Blocks callers just long enough to keep each endpoint family under its limits."""
+    """Blocks callers just long enough to keep each endpoint family under its share of the
+    account's limits; safe to share between threads."""
 
     def __init__(
         self,
         limits: Mapping[Endpoint, Limit] | None = None,
         *,
         scale: float = 1.0,
-        divide_by: int = 1,
+        share: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        if scale <= 0 or divide_by < 1:
-            raise ValueError(f"need scale > 0 and divide_by >= 1, got {scale=} {divide_by=}")
+        if scale <= 0 or not 0 < share <= 1:
+            raise ValueError(f"need scale > 0 and 0 < share <= 1, got {scale=} {share=}")
         merged = {**PUBLISHED_LIMITS, **(limits or {})}
+        if share * max_keys(merged) < 1:
+            raise ValueError(f"a share of {share:g} is less than one request per window of "
+                             f"some endpoint: at most {max_keys(merged)} keys can share them")
         self._endpoints = {
-            endpoint: _EndpointLimiter(limit, scale, divide_by)
-            for endpoint, limit in merged.items()
+            endpoint: _EndpointLimiter(limit, scale, share) for endpoint, limit in merged.items()
         }
         self._clock = clock
         self._sleep = sleep
+        self._wall = wall
 
-    def acquire(self, endpoint: Endpoint) -> float:
+    @overload
+    def acquire(self, endpoint: Endpoint) -> float: ...
+
+    @overload
+    def acquire(self, endpoint: Endpoint, *, deadline: float | None) -> float | None: ...
+
+    def acquire(self, endpoint: Endpoint, *, deadline: float | None = None) -> float | None:
         """Wait until a request to `endpoint` may go out and count it.
 
-        Returns the time it was granted at, on the limiter's clock: `throttled` needs it.
+        Returns the time it was granted at, on the limiter's clock (`throttled` needs it), or
+        None, counting nothing, when it could not be granted by `deadline` (same clock).
         """
         state = self._endpoints[endpoint]
         while True:
@@ -147,7 +204,16 @@ class RateLimiter:
                     for window in state.windows:
                         window.record(now)
                     return now
+            if deadline is not None and now + wait > deadline:
+                return None
             self._sleep(wait)
+
+    def budget(self, endpoint: Endpoint) -> tuple[float, float]:
+        """(requests per real minute this limiter may grant, the share of it in use now: below
+        1 while it backs off after repeated 429s); the sender reports both as gauges."""
+        state = self._endpoints[endpoint]
+        with state.lock:
+            return state.allowed_per_minute, state.factor
 
     def throttled(self, endpoint: Endpoint, retry_after: float | None, granted_at: float) -> None:
         """Klaviyo answered 429 to a request `acquire` granted at `granted_at`: pause the
@@ -161,6 +227,39 @@ class RateLimiter:
                 state.throttled_at = now
             if retry_after is not None:
                 state.paused_until = max(state.paused_until, now + retry_after)
+
+    def snapshot(self) -> bytes:
+        """The recent grants and back-off of every endpoint used, as compact bytes for the
+        key's Beam state (module docstring); `restore` reads them in any process."""
+        now = self._clock()
+        to_wall = self._wall() - now
+        recorded: dict[str, list[Any]] = {}
+        for endpoint, state in self._endpoints.items():
+            with state.lock:
+                windows = [[_later_ms(t + to_wall) for t in window.recent(now)]
+                           for window in state.windows]
+                paused = state.paused_until if state.paused_until > now else None
+                if any(windows) or paused is not None or state.factor < 1:
+                    recorded[endpoint.value] = [
+                        state.factor, None if paused is None else paused + to_wall,
+                        state.throttled_at + to_wall if state.throttled_at > -math.inf else None,
+                        *windows]
+        return json.dumps(recorded, separators=(",", ":")).encode()
+
+    def restore(self, snapshot: bytes) -> None:
+        """Continue from a `snapshot` of this key's limiter, taken in this or another process:
+        its grants replace what this limiter remembers."""
+        to_clock = self._clock() - self._wall()
+        recorded = json.loads(snapshot) if snapshot else {}
+        for endpoint, state in self._endpoints.items():
+            factor, paused, throttled, *windows = recorded.get(endpoint.value) or [
+                1.0, None, None, *([] for _ in state.windows)]
+            with state.lock:
+                state.factor = float(factor)
+                state.paused_until = -math.inf if paused is None else paused + to_clock
+                state.throttled_at = -math.inf if throttled is None else throttled + to_clock
+                for window, sent in zip(state.windows, windows, strict=True):
+                    window.replace([t + to_clock for t in sent])
 
     def succeeded(self, endpoint: Endpoint) -> None:
         """A request got through: win back some of the rate given up after 429s."""
