@@ -17,7 +17,7 @@ CONFIG = str(ROOT / "examples" / "flow.json")
 
 
 def planned_unique_ids(events: Path) -> list[str]:
-    with open(events, encoding="utf-8") as lines:
+    with open(events, "rb") as lines:
         return [body["data"]["attributes"]["unique_id"]
                 for record in simulate(load_config_file(CONFIG).config, lines)
                 for method, body in record["calls"] if method == "create_event"]
