@@ -58,6 +58,7 @@ from apache_beam.transforms.window import BoundedWindow, GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.coders import OutgoingEventCoder  # noqa: F401 - registers the sink's coder
 from transforms.dead_letters import SINK, DeadLetterRecord
 from transforms.elements import (
     OutgoingEvent,
@@ -121,22 +122,6 @@ def shard_key(outgoing: OutgoingEvent, shards: int) -> str:
     """`shard/N`, stable across processes (Python's hash() is salted per process)."""
     identity = (outgoing.profile_key or str(outgoing.event_id)).encode("utf-8", "surrogatepass")
     return f"shard/{zlib.crc32(identity) % shards}"
-
-
-class OutgoingEventCoder(beam.coders.Coder):
-    """The sink element's explicit coder (elements.encode_outgoing)."""
-
-    def encode(self, value: OutgoingEvent) -> bytes:
-        return encode_outgoing(value)
-
-    def decode(self, encoded: bytes) -> OutgoingEvent:
-        return decode_outgoing(encoded)
-
-    def is_deterministic(self) -> bool:
-        return True
-
-
-beam.coders.registry.register_coder(OutgoingEvent, OutgoingEventCoder)
 
 
 # --- the work a key carries between flushes ---------------------------------------------------
