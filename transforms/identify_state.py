@@ -27,7 +27,9 @@ value it caches by walking the object graph and the globals of every loaded modu
 about 0.25 ms per call here, eight calls per key with the cells below), which took 55 % of the
 batch dry run's CPU on FnApiRunner, whose embedded worker always has that cache (100 MB, not
 configurable; apache/beam#30360 made it opt-in for SDK harness processes, #28802 tracks its
-cost). Streaming keeps the stateful DoFn: state there must outlive bundles and workers.
+cost). Streaming keeps the stateful DoFn: state there must outlive bundles and workers. Its
+one cell (it was two, `identify_state` and `expires_at`) halves the cache's weighings of a
+changed key, where the cache is on (`--max_cache_memory_usage_mb`).
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ from transforms.klaviyo.identify_state import (
 from transforms.metrics import counter
 
 _EVENT_ONLY = "event_only"
-# (digest of the last body planned, newest ordering time in ms): explicit coders, so that the
-# stored state does not depend on how a Python class pickles (Dataflow update compatibility).
-_STATE_CODER = TupleCoder([NullableCoder(BytesCoder()), NullableCoder(FloatCoder())])
+# (digest of the last body planned, newest ordering time in ms, when the key expires): explicit
+# coders, so that the stored state does not depend on how a Python class pickles (Dataflow
+# update compatibility); bytes, a float and a timestamp, which the state cache weighs cheaply.
+_STATE_CODER = TupleCoder([NullableCoder(BytesCoder()), NullableCoder(FloatCoder()),
+                           NullableCoder(TimestampCoder())])
 # Each verdict's counter; an out-of-range upsert is also counted as planned.
 _COUNTERS = {Verdict.CHANGED: ("profiles_planned",), Verdict.UNCHANGED: ("profiles_unchanged",),
              Verdict.OLDER: ("profiles_out_of_order",),
@@ -123,8 +127,10 @@ class _IdentifyInOrderFn(beam.DoFn):
 
 
 class _IdentifyStateFn(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("identify_state", _STATE_CODER)
-    EXPIRES_AT = ReadModifyWriteStateSpec("expires_at", TimestampCoder())
+    """Streaming: one state cell per key, (digest, newest ordering ms, expiry), so that a
+    changed key costs one read and one write, and the expiry timer clears one cell."""
+
+    STATE = ReadModifyWriteStateSpec("identify", _STATE_CODER)
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, ttl_seconds: int, max_skew_seconds: float,
@@ -140,40 +146,34 @@ class _IdentifyStateFn(beam.DoFn):
         timestamp: Any = beam.DoFn.TimestampParam,
         window: Any = beam.DoFn.WindowParam,
         state: Any = beam.DoFn.StateParam(STATE),
-        expires_at: Any = beam.DoFn.StateParam(EXPIRES_AT),
         expiry: Any = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[OutgoingEvent | TaggedOutput]:
         planned = keyed[1]
-        stored = state.read()
-        before = IdentifyState(*stored) if stored is not None else IdentifyState()
+        digest, newest_ms, expires_at = state.read() or (None, None, None)
+        before = IdentifyState(digest, newest_ms)
         decided = self._decide(planned, before)
         if isinstance(decided, TaggedOutput):
             yield decided
             return
         after, result = decided
         if after != before:
-            state.write((after.digest, after.newest_ms))
-            self._extend_expiry(timestamp, window, expires_at, expiry)
+            state.write((after.digest, after.newest_ms,
+                         self._extend_expiry(timestamp, window, expires_at, expiry)))
         yield result
 
     def _extend_expiry(self, timestamp: Timestamp, window: BoundedWindow,
-                       expires_at: Any, expiry: Any) -> None:
+                       expires_at: Timestamp | None, expiry: Any) -> Timestamp:
         """Move the expiry to `ttl` after this element, never earlier (a timer set again
-        replaces the old one, and elements can arrive out of order)."""
+        replaces the old one, and elements can arrive out of order); the expiry now."""
         wanted = min(timestamp + self._ttl, window.max_timestamp())
-        current = expires_at.read()
-        if current is None or wanted > current:
-            expires_at.write(wanted)
+        if expires_at is None or wanted > expires_at:
             expiry.set(wanted)
+            return wanted
+        return expires_at
 
     @on_timer(EXPIRY)
-    def expire(
-        self,
-        state: Any = beam.DoFn.StateParam(STATE),
-        expires_at: Any = beam.DoFn.StateParam(EXPIRES_AT),
-    ) -> None:
+    def expire(self, state: Any = beam.DoFn.StateParam(STATE)) -> None:
         state.clear()
-        expires_at.clear()
 
 
 def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | TaggedOutput]:
