@@ -24,12 +24,14 @@ another from an empty state. That is what the stateful DoFn does in a bounded ru
 watermark stays at its start until the input ends, so no expiry fires before the key's last
 event. Without state cells the SDK harness's state cache has nothing to weigh: it sizes every
 value it caches by walking the object graph and the globals of every loaded module (objsize,
-about 0.25 ms per call here, eight calls per key with the cells below), which took 55 % of the
-batch dry run's CPU on FnApiRunner, whose embedded worker always has that cache (100 MB, not
-configurable; apache/beam#30360 made it opt-in for SDK harness processes, #28802 tracks its
-cost). Streaming keeps the stateful DoFn: state there must outlive bundles and workers. Its
-one cell (it was two, `identify_state` and `expires_at`) halves the cache's weighings of a
-changed key, where the cache is on (`--max_cache_memory_usage_mb`).
+about 0.25 ms per call here, eight calls per key with the two cells there were), which took
+55 % of the batch dry run's CPU on FnApiRunner, whose embedded worker always has that cache
+(100 MB, not configurable). The cost is Beam's known one: apache/beam#30360 (a regression from
+enabling the cache; apache/beam#30362 then made it opt-in, `--max_cache_memory_usage_mb`, for
+SDK harness processes such as Dataflow's) and apache/beam#28802 (improving the cache).
+Streaming keeps the stateful DoFn: state there must outlive bundles and workers. Its one cell
+(it was two, `identify_state` and `expires_at`) halves the cache's weighings of a changed key
+where the cache is on.
 """
 
 from __future__ import annotations

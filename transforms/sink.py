@@ -25,8 +25,9 @@
 - **State is cheap to hold**: the buffer, the carried-over work and the profile memory are
   bytes with explicit coders (elements.py, flush.py), nothing pickled by class path.
 - **Constant cost per element (streaming).** An SDK harness with a state cache
-  (`--max_cache_memory_usage_mb`, off by default since apache/beam#30360) re-weighs a cached
-  bag on every commit that extends it, walking each of its items (objsize; apache/beam#28802).
+  (`--max_cache_memory_usage_mb`; off by default since apache/beam#30362, for the regression
+  of apache/beam#30360) re-weighs a cached bag on every commit that extends it, walking each
+  of its items (objsize; apache/beam#28802).
   With one element per bundle and one item per element, that grew with the buffer. So every
   `COMPACT_EVERY` elements a streaming key's buffer is rewritten as one item of length-framed
   calls: the bag never holds more than `COMPACT_EVERY` + 1 items, and each element costs the
