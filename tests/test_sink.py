@@ -26,7 +26,7 @@ from transforms.klaviyo.errors import KlaviyoConfigurationError
 from transforms.klaviyo.plan import Call
 from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
 from transforms.metrics import dead_letter_reason_counter_name
-from transforms.sink import SendToKlaviyo, SinkSettings, shard_key
+from transforms.sink import COMPACT_EVERY, SendToKlaviyo, SinkSettings, shard_key
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 TIME = "2026-11-28T10:00:00.000Z"
@@ -171,6 +171,25 @@ def test_drain_flushes_a_partial_batch_in_streaming(klaviyo_server: KlaviyoTestS
     with beam.Pipeline(runner=BundleBasedDirectRunner(), options=options) as pipeline:
         _ = pipeline | stream | SendToKlaviyo(settings(klaviyo_server))
     assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(10))
+
+
+def test_a_compacted_streaming_buffer_keeps_every_call_once(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    """One element per bundle, past two compactions of the key's buffer (COMPACT_EVERY): the
+    drain's flush finds every call once, none lost or doubled by the rewrite."""
+    count = 2 * COMPACT_EVERY + 7
+    stream = EventStream()
+    for index in range(count):
+        stream.add_elements([event_call(index)], event_timestamp=Timestamp(index))
+    stream.advance_watermark_to_infinity()
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    sink = settings(klaviyo_server, shards=1, batch_max_events=1000)
+    with beam.Pipeline(runner=BundleBasedDirectRunner(), options=options) as pipeline:
+        _ = pipeline | stream | SendToKlaviyo(sink)
+    sizes = [entry.events for entry in klaviyo_server.log if entry.route == BULK_EVENTS]
+    assert sizes == [count]
+    assert sorted(klaviyo_server.stored_unique_ids()) == sorted(f"e-{i}" for i in range(count))
 
 
 def _test_stream_now() -> float:

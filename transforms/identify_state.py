@@ -18,12 +18,26 @@ because:
   state of users whose events are in that backlog;
 - it is testable by moving a TestStream's watermark, with no clock to inject; and a
   processing-time timer would also force the local runners off their faster paths (beam.md §1).
+
+Batch runs take no state at all: a key's events are grouped (GroupByKey) and decided one after
+another from an empty state. That is what the stateful DoFn does in a bounded run, where the
+watermark stays at its start until the input ends, so no expiry fires before the key's last
+event. Without state cells the SDK harness's state cache has nothing to weigh: it sizes every
+value it caches by walking the object graph and the globals of every loaded module (objsize,
+about 0.25 ms per call here, eight calls per key with the two cells there were), which took
+55 % of the batch dry run's CPU on FnApiRunner, whose embedded worker always has that cache
+(100 MB, not configurable). The cost is Beam's known one: apache/beam#30360 (a regression from
+enabling the cache; apache/beam#30362 then made it opt-in, `--max_cache_memory_usage_mb`, for
+SDK harness processes such as Dataflow's) and apache/beam#28802 (improving the cache).
+Streaming keeps the stateful DoFn: state there must outlive bundles and workers. Its one cell
+(it was two, `identify_state` and `expires_at`) halves the cache's weighings of a changed key
+where the cache is on.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -34,20 +48,16 @@ from apache_beam.coders import (
     TimestampCoder,
     TupleCoder,
 )
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 
+from transforms.coders import PlannedEventCoder  # noqa: F401 - registers the shuffle's coder
 from transforms.dead_letters import DEAD_LETTERS, IDENTIFY_STATE, unexpected
-from transforms.elements import (
-    OutgoingEvent,
-    PlannedEvent,
-    decode_planned,
-    encode_planned,
-    outgoing,
-)
+from transforms.elements import OutgoingEvent, PlannedEvent, outgoing
 from transforms.klaviyo.identify_state import (
     DEFAULT_MAX_SKEW_SECONDS,
     IdentifyState,
@@ -59,9 +69,11 @@ from transforms.klaviyo.identify_state import (
 from transforms.metrics import counter
 
 _EVENT_ONLY = "event_only"
-# (digest of the last body planned, newest ordering time in ms): explicit coders, so that the
-# stored state does not depend on how a Python class pickles (Dataflow update compatibility).
-_STATE_CODER = TupleCoder([NullableCoder(BytesCoder()), NullableCoder(FloatCoder())])
+# (digest of the last body planned, newest ordering time in ms, when the key expires): explicit
+# coders, so that the stored state does not depend on how a Python class pickles (Dataflow
+# update compatibility); bytes, a float and a timestamp, which the state cache weighs cheaply.
+_STATE_CODER = TupleCoder([NullableCoder(BytesCoder()), NullableCoder(FloatCoder()),
+                           NullableCoder(TimestampCoder())])
 # Each verdict's counter; an out-of-range upsert is also counted as planned.
 _COUNTERS = {Verdict.CHANGED: ("profiles_planned",), Verdict.UNCHANGED: ("profiles_unchanged",),
              Verdict.OLDER: ("profiles_out_of_order",),
@@ -72,16 +84,61 @@ def _event_only(planned: PlannedEvent) -> OutgoingEvent:
     return outgoing(planned, None, planned.plan.timestamp_ms or 0.0)
 
 
+class _Decide:
+    """One planned event against its key's state: the new state and the outgoing event (its
+    verdict counted), or a dead letter with the state left as it was."""
+
+    def __init__(self, max_skew_seconds: float, clock: Callable[[], float]) -> None:
+        self._max_skew_ms = max_skew_seconds * 1000
+        self._clock = clock
+
+    def __call__(self, planned: PlannedEvent, before: IdentifyState
+                 ) -> tuple[IdentifyState, OutgoingEvent] | TaggedOutput:
+        plan = planned.plan
+        assert plan.profile is not None and plan.timestamp_ms is not None
+        publish_ms = planned.envelope.publish_time_ms
+        reference_ms = publish_ms if publish_ms is not None else self._clock() * 1000
+        order_ms = ordering_time(plan.timestamp_ms, reference_ms, self._max_skew_ms)
+        sink_ms = sink_order(plan.timestamp_ms, reference_ms, self._max_skew_ms)
+        try:
+            after, verdict = decide(before, plan.profile.body, order_ms,
+                                    timestamp_ms=plan.timestamp_ms)
+        except Exception as error:  # noqa: BLE001 - see dead_letters.unexpected
+            return unexpected(IDENTIFY_STATE, planned.envelope, error)
+        for name in _COUNTERS[verdict]:
+            counter(name).inc()
+        return after, outgoing(planned, verdict, sink_ms)
+
+
+class _IdentifyInOrderFn(beam.DoFn):
+    """Batch: a key's grouped events decided in turn from an empty state (module docstring)."""
+
+    def __init__(self, max_skew_seconds: float, clock: Callable[[], float]) -> None:
+        self._decide = _Decide(max_skew_seconds, clock)
+
+    def process(self, grouped: tuple[str, Iterable[PlannedEvent]]
+                ) -> Iterator[OutgoingEvent | TaggedOutput]:
+        state = IdentifyState()
+        for planned in grouped[1]:
+            decided = self._decide(planned, state)
+            if isinstance(decided, TaggedOutput):
+                yield decided
+            else:
+                state, result = decided
+                yield result
+
+
 class _IdentifyStateFn(beam.DoFn):
-    STATE = ReadModifyWriteStateSpec("identify_state", _STATE_CODER)
-    EXPIRES_AT = ReadModifyWriteStateSpec("expires_at", TimestampCoder())
+    """Streaming: one state cell per key, (digest, newest ordering ms, expiry), so that a
+    changed key costs one read and one write, and the expiry timer clears one cell."""
+
+    STATE = ReadModifyWriteStateSpec("identify", _STATE_CODER)
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, ttl_seconds: int, max_skew_seconds: float,
                  clock: Callable[[], float]) -> None:
         self._ttl = Duration(seconds=ttl_seconds)
-        self._max_skew_ms = max_skew_seconds * 1000
-        self._clock = clock
+        self._decide = _Decide(max_skew_seconds, clock)
 
     # Beam fills the parameters below through marker defaults (TimestampParam, StateParam, …)
     # whose types mypy cannot match with what is passed at run time: they are typed `Any`.
@@ -91,65 +148,34 @@ class _IdentifyStateFn(beam.DoFn):
         timestamp: Any = beam.DoFn.TimestampParam,
         window: Any = beam.DoFn.WindowParam,
         state: Any = beam.DoFn.StateParam(STATE),
-        expires_at: Any = beam.DoFn.StateParam(EXPIRES_AT),
         expiry: Any = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[OutgoingEvent | TaggedOutput]:
         planned = keyed[1]
-        plan = planned.plan
-        assert plan.profile is not None and plan.timestamp_ms is not None
-        publish_ms = planned.envelope.publish_time_ms
-        reference_ms = publish_ms if publish_ms is not None else self._clock() * 1000
-        order_ms = ordering_time(plan.timestamp_ms, reference_ms, self._max_skew_ms)
-        sink_ms = sink_order(plan.timestamp_ms, reference_ms, self._max_skew_ms)
-        try:
-            stored = state.read()
-            before = IdentifyState(*stored) if stored is not None else IdentifyState()
-            after, verdict = decide(before, plan.profile.body, order_ms,
-                                    timestamp_ms=plan.timestamp_ms)
-        except Exception as error:  # noqa: BLE001 - see dead_letters.unexpected
-            yield unexpected(IDENTIFY_STATE, planned.envelope, error)
+        digest, newest_ms, expires_at = state.read() or (None, None, None)
+        before = IdentifyState(digest, newest_ms)
+        decided = self._decide(planned, before)
+        if isinstance(decided, TaggedOutput):
+            yield decided
             return
-        for name in _COUNTERS[verdict]:
-            counter(name).inc()
+        after, result = decided
         if after != before:
-            state.write((after.digest, after.newest_ms))
-            self._extend_expiry(timestamp, window, expires_at, expiry)
-        yield outgoing(planned, verdict, sink_ms)
+            state.write((after.digest, after.newest_ms,
+                         self._extend_expiry(timestamp, window, expires_at, expiry)))
+        yield result
 
     def _extend_expiry(self, timestamp: Timestamp, window: BoundedWindow,
-                       expires_at: Any, expiry: Any) -> None:
+                       expires_at: Timestamp | None, expiry: Any) -> Timestamp:
         """Move the expiry to `ttl` after this element, never earlier (a timer set again
-        replaces the old one, and elements can arrive out of order)."""
+        replaces the old one, and elements can arrive out of order); the expiry now."""
         wanted = min(timestamp + self._ttl, window.max_timestamp())
-        current = expires_at.read()
-        if current is None or wanted > current:
-            expires_at.write(wanted)
+        if expires_at is None or wanted > expires_at:
             expiry.set(wanted)
+            return wanted
+        return expires_at
 
     @on_timer(EXPIRY)
-    def expire(
-        self,
-        state: Any = beam.DoFn.StateParam(STATE),
-        expires_at: Any = beam.DoFn.StateParam(EXPIRES_AT),
-    ) -> None:
+    def expire(self, state: Any = beam.DoFn.StateParam(STATE)) -> None:
         state.clear()
-        expires_at.clear()
-
-
-class PlannedEventCoder(beam.coders.Coder):
-    """The explicit coder of the identify state's input (elements.encode_planned)."""
-
-    def encode(self, value: PlannedEvent) -> bytes:
-        return encode_planned(value)
-
-    def decode(self, encoded: bytes) -> PlannedEvent:
-        return decode_planned(encoded)
-
-    def is_deterministic(self) -> bool:
-        return True
-
-
-beam.coders.registry.register_coder(PlannedEvent, PlannedEventCoder)
 
 
 def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | TaggedOutput]:
@@ -176,9 +202,16 @@ class ApplyIdentifyState(beam.PTransform):
     def expand(self, planned: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
             tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
-        decided = routed.keyed | "decide" >> beam.ParDo(_IdentifyStateFn(
-            self.ttl_seconds, self.max_skew_seconds, self.clock)).with_outputs(
+        if planned.pipeline.options.view_as(StandardOptions).streaming:
+            decide: beam.PTransform = beam.ParDo(_IdentifyStateFn(
+                self.ttl_seconds, self.max_skew_seconds, self.clock))
+            keyed = routed.keyed
+        else:
+            decide = beam.ParDo(_IdentifyInOrderFn(self.max_skew_seconds, self.clock))
+            keyed = routed.keyed | "group" >> beam.GroupByKey()
+        decided = keyed | "decide" >> decide.with_output_types(OutgoingEvent).with_outputs(
             DEAD_LETTERS, main="calls")
-        direct = routed[_EVENT_ONLY] | "event_only" >> beam.Map(_event_only)
+        direct = routed[_EVENT_ONLY] | "event_only" >> beam.Map(_event_only).with_output_types(
+            OutgoingEvent)
         calls = (decided.calls, direct) | "calls" >> beam.Flatten()
         return calls, decided[DEAD_LETTERS]

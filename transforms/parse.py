@@ -64,22 +64,37 @@ def with_hint(payload: bytes, reason: str) -> str:
     return reason
 
 
+def _parsed(envelope: Envelope) -> Iterator[ParsedEvent | TaggedOutput]:
+    counter("events_in").inc()
+    try:
+        parsed = parse_event(envelope.payload)
+    except Exception as error:  # noqa: BLE001 - e.g. RecursionError on deep nesting
+        yield unexpected(PARSE, envelope, error)
+        return
+    if isinstance(parsed, InvalidEvent):
+        counter("invalid").inc()
+        yield dead_letter(envelope, PARSE, with_hint(envelope.payload, parsed.reason))
+    else:
+        yield ParsedEvent(envelope, parsed)
+
+
 class _ParseFn(beam.DoFn):
+    """Pub/Sub messages (or records of unknown type): the element timestamp stands in for a
+    missing publish time (`envelope_of`)."""
+
     def process(self, element: PubsubMessage | bytes | str,
                 timestamp: Any = beam.DoFn.TimestampParam  # Any: see identify_state.py
                 ) -> Iterator[ParsedEvent | TaggedOutput]:
-        counter("events_in").inc()
-        envelope = envelope_of(element, timestamp)
-        try:
-            parsed = parse_event(envelope.payload)
-        except Exception as error:  # noqa: BLE001 - e.g. RecursionError on deep nesting
-            yield unexpected(PARSE, envelope, error)
-            return
-        if isinstance(parsed, InvalidEvent):
-            counter("invalid").inc()
-            yield dead_letter(envelope, PARSE, with_hint(envelope.payload, parsed.reason))
-        else:
-            yield ParsedEvent(envelope, parsed)
+        return _parsed(envelope_of(element, timestamp))
+
+
+class _ParseLineFn(beam.DoFn):
+    """Lines of files (a PCollection typed bytes or str): they have no publish time to fall
+    back on, so no timestamp parameter either, and Beam calls the DoFn through its simple
+    invoker (a DoFn asking for TimestampParam costs a parameter check per element)."""
+
+    def process(self, line: bytes | str) -> Iterator[ParsedEvent | TaggedOutput]:
+        return _parsed(envelope_of(line))
 
 
 class Parse(beam.PTransform):
@@ -87,6 +102,7 @@ class Parse(beam.PTransform):
 
     def expand(self, messages: beam.PCollection
                ) -> tuple[beam.PCollection, beam.PCollection]:
-        outputs = messages | "parse" >> beam.ParDo(_ParseFn()).with_outputs(
+        parse = _ParseLineFn() if messages.element_type in (bytes, str) else _ParseFn()
+        outputs = messages | "parse" >> beam.ParDo(parse).with_outputs(
             DEAD_LETTERS, main="events")
         return outputs.events, outputs[DEAD_LETTERS]

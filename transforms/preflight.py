@@ -34,7 +34,9 @@ def _check(outgoing: OutgoingEvent) -> Iterator[OutgoingEvent | TaggedOutput]:
     if event is not None and event.problems:
         yield _problem(outgoing, event)
         event = None
-    if profile is not None or event is not None:
+    if profile is outgoing.profile and event is outgoing.event:
+        yield outgoing  # nothing dropped: no copy
+    elif profile is not None or event is not None:
         yield dataclasses.replace(outgoing, profile=profile, event=event)
 
 
@@ -42,5 +44,6 @@ class Preflight(beam.PTransform):
     """Outgoing events → (events to send, dead letters)."""
 
     def expand(self, calls: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        outputs = calls | "check" >> beam.FlatMap(_check).with_outputs(DEAD_LETTERS, main="ok")
+        outputs = calls | "check" >> beam.FlatMap(_check).with_output_types(
+            OutgoingEvent).with_outputs(DEAD_LETTERS, main="ok")
         return outputs.ok, outputs[DEAD_LETTERS]

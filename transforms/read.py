@@ -62,7 +62,7 @@ class ReadJsonLines(beam.PTransform):
         return (pipeline
                 | "match" >> fileio.MatchFiles(self.pattern)
                 | "open" >> fileio.ReadMatches()
-                | "lines" >> beam.ParDo(_LinesFn()))
+                | "lines" >> beam.ParDo(_LinesFn()).with_output_types(bytes))
 
 
 # Pub/Sub accepts messages up to 10 MB, and its real endpoint's client lifts gRPC's receive limit

@@ -24,6 +24,15 @@
   `finish_bundle` emits their dead letters: shards send concurrently as on a real cluster.
 - **State is cheap to hold**: the buffer, the carried-over work and the profile memory are
   bytes with explicit coders (elements.py, flush.py), nothing pickled by class path.
+- **Constant cost per element (streaming).** An SDK harness with a state cache
+  (`--max_cache_memory_usage_mb`; off by default since apache/beam#30362, for the regression
+  of apache/beam#30360) re-weighs a cached bag on every commit that extends it, walking each
+  of its items (objsize; apache/beam#28802).
+  With one element per bundle and one item per element, that grew with the buffer. So every
+  `COMPACT_EVERY` elements a streaming key's buffer is rewritten as one item of length-framed
+  calls: the bag never holds more than `COMPACT_EVERY` + 1 items, and each element costs the
+  same at 1 or 1,000 buffered calls (bench/sink_element_cost.py). Batch runs add a whole
+  bundle's elements in one commit and never compact.
 - **Dead letters** carry the original envelope and the failed call (an upsert included), so
   `replay` repairs a profile; they are also counted by reason, `dead_letters_sink_<label>`.
   A refused API key raises: the job stops instead of dead-lettering everything.
@@ -58,6 +67,7 @@ from apache_beam.transforms.window import BoundedWindow, GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.coders import OutgoingEventCoder  # noqa: F401 - registers the sink's coder
 from transforms.dead_letters import SINK, DeadLetterRecord
 from transforms.elements import (
     OutgoingEvent,
@@ -93,6 +103,7 @@ from transforms.klaviyo.sender import (
 )
 from transforms.metrics import NAMESPACE, counter, dead_letter_reason_counter_name
 
+COMPACT_EVERY = 64  # buffered calls after which a streaming buffer becomes one bag item
 RETRY_SECONDS = 1.0  # how soon a flush that left work unsettled runs again (streaming)
 ACCEPTED_MEMORY_SECONDS = 3600.0  # how long a key remembers the newest upsert Klaviyo accepted
 THROTTLING = "cumulativeThrottlingSeconds"
@@ -121,22 +132,6 @@ def shard_key(outgoing: OutgoingEvent, shards: int) -> str:
     """`shard/N`, stable across processes (Python's hash() is salted per process)."""
     identity = (outgoing.profile_key or str(outgoing.event_id)).encode("utf-8", "surrogatepass")
     return f"shard/{zlib.crc32(identity) % shards}"
-
-
-class OutgoingEventCoder(beam.coders.Coder):
-    """The sink element's explicit coder (elements.encode_outgoing)."""
-
-    def encode(self, value: OutgoingEvent) -> bytes:
-        return encode_outgoing(value)
-
-    def decode(self, encoded: bytes) -> OutgoingEvent:
-        return decode_outgoing(encoded)
-
-    def is_deterministic(self) -> bool:
-        return True
-
-
-beam.coders.registry.register_coder(OutgoingEvent, OutgoingEventCoder)
 
 
 # --- the work a key carries between flushes ---------------------------------------------------
@@ -550,9 +545,13 @@ class _SendFlushes(beam.DoFn):
         window_end: RuntimeTimer = _WINDOW_END_TIMER,
     ) -> Iterator[DeadLetterRecord]:
         key, outgoing = keyed
-        buffer.add(encode_outgoing(outgoing))
+        buffer.add(_framed(encode_outgoing(outgoing)))
         size = (count.read() or 0) + 1
         count.write(size)
+        if self._streaming and size % COMPACT_EVERY == 0:
+            framed = b"".join(buffer.read())  # what was buffered, this element included
+            buffer.clear()
+            buffer.add(framed)
         if size == 1:
             window_end.set(window.max_timestamp())
             if self._streaming:
@@ -637,8 +636,24 @@ def _decoded(taken: tuple[bytes | None, list[bytes], bytes | None]
     """A key's stored state (`_SendFlushes._take`) as the flush works on it."""
     work, buffered, memory = taken
     carried = Work.decode(work)
-    carried.tasks += [Task.of(decode_outgoing(raw)) for raw in buffered]
+    carried.tasks += [Task.of(decode_outgoing(raw)) for raw in _unframed(buffered)]
     return carried, ProfileMemory.decode(memory)
+
+
+def _framed(encoded: bytes) -> bytes:
+    """One buffered call as a bag item holds it: its 4-byte length, then its bytes."""
+    return len(encoded).to_bytes(4, "big") + encoded
+
+
+def _unframed(items: Iterable[bytes]) -> Iterator[bytes]:
+    """The calls of buffer items, each holding one or more framed calls (compacted)."""
+    for item in items:
+        offset = 0
+        while offset < len(item):
+            size = int.from_bytes(item[offset:offset + 4], "big")
+            yield item[offset + 4:offset + 4 + size]
+            offset += 4 + size
+
 
 class SendToKlaviyo(beam.PTransform):
     """Outgoing events → dead letters of the sink stage (all else is delivered)."""
