@@ -1,8 +1,10 @@
 """`walkeros-klaviyo run` / `python -m pipeline`: check the options, build the job, run it.
 
 Local runs (no `--runner`, or a runner in this process) are waited for; a bounded one ends with
-a summary of the counters on stderr (stdout may carry the dry-run output). A job for a remote
-runner such as Dataflow is submitted and not waited for, as a Flex Template launcher needs.
+a summary of the counters on stderr (stdout may carry the dry-run output). A local batch run
+over a large input is split by profile into runs one after another, with one summary
+(pipeline/local_backfill.py). A job for a remote runner such as Dataflow is submitted and not
+waited for, as a Flex Template launcher needs.
 """
 
 from __future__ import annotations

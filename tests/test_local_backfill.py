@@ -84,6 +84,8 @@ def test_three_runs_end_in_klaviyo_as_one_run(tmp_path: Path,
     assert len(one_state[0]) == 40 and len(one_state[1]) == 600
     assert state == one_state
     assert summary == one_summary, "the counters add up to those of one run"
+    assert [row.split()[-1] for row in summary if "blank lines" in row or "events in" in row] \
+        == ["603", "2"]  # the 600 events and three odd lines; the two blank lines
     assert dead_letters == one_dead
     # each once: the line that is not JSON and the one that is not UTF-8 (base64); the others
     # are blank or have no identifier
