@@ -115,8 +115,9 @@ class KlaviyoOptions(PipelineOptions):
             help="how long a call may wait in a batch before it is sent (default 5000)")
         parser.add_argument(
             "--sink_shards", type=int, default=4,
-            help="batching keys per lane (events, profiles); bounds the requests in flight "
-                 "(default 4)")
+            help="sink keys (shard/N); each carries its profiles' upserts and events and paces "
+                 "itself at 1/N of the account's limits, so N bounds the requests in flight "
+                 "(default 4, at most 10 with the published limits)")
         parser.add_argument(
             "--rate_limit_scale", type=float, default=1.0,
             help="multiply all of Klaviyo's published rate limits (raised account limits, or "
@@ -128,8 +129,8 @@ class KlaviyoOptions(PipelineOptions):
                  f"{', '.join(endpoint.value for endpoint in Endpoint)})")
         parser.add_argument(
             "--max_retry_seconds", type=float, default=120.0,
-            help="retry a failing request for at most this long, then dead-letter it "
-                 "(default 120)")
+            help="retry a failing call for at most this long after its first attempt, across "
+                 "flushes, then dead-letter it (default 120)")
         parser.add_argument(
             "--flush_budget_seconds", type=float, default=10.0,
             help="a sink flush sends for at most this long; the rest waits in state for the "

@@ -276,8 +276,10 @@ class KlaviyoTestServer:
         faults and the latency."""
         arrived = time.monotonic() * self.time_scale
         route, job_id = _route(method, urlsplit(path).path)
-        answer, fault = self._decide(route, job_id, path, headers, raw)
-        events, unique_ids, profiles = _contents(route, raw)
+        document = _parse(raw)  # once: bodies of 1000 events are costly to read
+        events, unique_ids, profiles = _contents(route, document)
+        answer, fault = self._decide(route, job_id, path, headers, raw, document,
+                                     unique_ids + profiles)
         if route == BULK_PROFILE_IMPORT and answer.status == 202:
             job_id = str(_dig(answer.body, "data", "id"))
         job_status = _dig(answer.body, "data", "attributes", "status") if job_id else ""
@@ -293,7 +295,8 @@ class KlaviyoTestServer:
         return answer, fault
 
     def _decide(
-        self, route: str, job_id: str, path: str, headers: Any, raw: bytes
+        self, route: str, job_id: str, path: str, headers: Any, raw: bytes, document: Any,
+        marks: tuple[str, ...],
     ) -> tuple[_Answer, Fault]:
         if headers.get("Authorization") != f"Klaviyo-API-Key {self.api_key}":
             return _answer_error(401, "not_authenticated", "Incorrect authentication."), _NO
@@ -304,35 +307,32 @@ class KlaviyoTestServer:
         throttled = self._throttle(route)
         if throttled is not None:
             return throttled, fault
-        if self._is_poisoned(route, raw):
+        if self._is_poisoned(marks):
             return _answer_error(500, "error", "A server error occurred."), fault
         try:
-            answer = self._dispatch(route, job_id, raw, parse_qs(urlsplit(path).query))
+            answer = self._dispatch(route, job_id, raw, document, parse_qs(urlsplit(path).query))
         except _Rejected as rejected:
             answer = rejected.answer
         return answer, fault
 
-    def _is_poisoned(self, route: str, raw: bytes) -> bool:
+    def _is_poisoned(self, marks: tuple[str, ...]) -> bool:
+        """Whether the request carries a poisoned unique_id or profile (`poison`)."""
         with self._lock:
-            if not self._poisoned:
-                return False
-            poisoned = set(self._poisoned)
-        _, unique_ids, profiles = _contents(route, raw)
-        return not poisoned.isdisjoint(unique_ids + profiles)
+            return not self._poisoned.isdisjoint(marks)
 
     def _dispatch(
-        self, route: str, job_id: str, raw: bytes, query: dict[str, list[str]]
+        self, route: str, job_id: str, raw: bytes, document: Any, query: dict[str, list[str]]
     ) -> _Answer:
         if route == BULK_EVENTS:
-            return self._bulk_events(_document(raw))
+            return self._bulk_events(_document(raw, document))
         if route == EVENTS:
-            return self._event(_document(raw))
+            return self._event(_document(raw, document))
         if route == PROFILE_IMPORT:
-            return self._profile_import(_document(raw))
+            return self._profile_import(_document(raw, document))
         if route == GET_PROFILES:
             return self._get_profiles()
         if route == BULK_PROFILE_IMPORT:
-            return self._bulk_profile_import(_document(raw))
+            return self._bulk_profile_import(_document(raw, document))
         if route == IMPORT_JOB:
             return self._job_status(job_id)
         if route == IMPORT_ERRORS:
@@ -712,7 +712,18 @@ def _invalid(pointer: str, detail: str) -> _Rejected:
     return _Rejected(400, [_invalid_error(pointer, detail)])
 
 
-def _document(raw: bytes) -> Json:
+_UNREADABLE = object()  # a body that is not JSON
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else _UNREADABLE
+    except ValueError:
+        return _UNREADABLE
+
+
+def _document(raw: bytes, document: Any) -> Json:
+    """The parsed body as Klaviyo would take it, or the error it would answer."""
     if len(raw) >= MAX_PAYLOAD_BYTES:
         raise _Rejected(
             413,
@@ -725,10 +736,8 @@ def _document(raw: bytes) -> Json:
                 )
             ],
         )
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        raise _invalid("/", "The body is not valid JSON.") from None
+    if document is _UNREADABLE:
+        raise _invalid("/", "The body is not valid JSON.")
     if not isinstance(document, dict):
         raise _invalid("/", "The body must be a JSON object.")
     return document
@@ -846,13 +855,9 @@ def _events_in(entries: Any) -> int:
     return sum(len(events) for events in counts if isinstance(events, list))
 
 
-def _contents(route: str, raw: bytes) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
+def _contents(route: str, document: Any) -> tuple[list[Any], tuple[str, ...], tuple[str, ...]]:
     """The events, their unique_ids and the email (else external_id) of the profiles in a
-    request body, in order; empty for anything unreadable."""
-    try:
-        document = json.loads(raw) if raw else None
-    except ValueError:
-        return [], (), ()
+    parsed request body, in order; empty for anything unreadable."""
     data = _dig(document, "data")
     if route == BULK_EVENTS:
         entries = _dig(data, "attributes", "events-bulk-create", "data")
