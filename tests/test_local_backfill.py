@@ -4,6 +4,7 @@ dry-run calls and dead letters, each once, and one summary that adds up over the
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -14,10 +15,17 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from bench.backfill import CONFIG, generate, run_command, wrong_profiles
 from pipeline import local_backfill
 from pipeline.cli import main as cli_main
-from pipeline.local_backfill import Partitioner, input_paths, partition_count, split_input
+from pipeline.local_backfill import (
+    Partitioner,
+    count_lines,
+    input_paths,
+    partition_count,
+    split_input,
+)
 from pipeline.options import JobSettings, OptionsError, job_settings
 from tests.klaviyo_server import KlaviyoTestServer
 from transforms.lines import BOM, split_lines
+from transforms.walkeros.config import load_config_file
 
 pytest_plugins = ["tests.conftest_klaviyo"]
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -176,3 +184,20 @@ def test_partitions_only_for_local_batch_runs(extra: list[str], message: str,
                      "--dead_letter_path", "unused", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_compressed_input_is_split_as_the_job_reads_it(tmp_path: Path) -> None:
+    plain = (EXAMPLES / "events.jsonl").read_bytes()
+    compressed = tmp_path / "events.jsonl.gz"
+    compressed.write_bytes(gzip.compress(plain))
+    paths = input_paths(str(compressed))
+    assert count_lines(paths) == len(plain.splitlines()) == 32
+    out = tmp_path / "parts"
+    out.mkdir()
+    config = load_config_file(str(EXAMPLES / "flow.json")).config
+    partitions = split_input(paths, Partitioner(config, 2, now_ms=1.7e12), out)
+    read = []
+    for partition in partitions:
+        with open(partition.path, "rb") as handle:
+            read += split_lines(handle)
+    assert sorted(read) == sorted(plain.splitlines())
