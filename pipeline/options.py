@@ -139,6 +139,11 @@ class KlaviyoOptions(PipelineOptions):
             "--profile_bulk_threshold", type=int, default=100,
             help="a flush with more profile upserts without null than this sends them as one "
                  "bulk import job (default 100)")
+        parser.add_argument(
+            "--local_partitions", type=int, default=0,
+            help="local batch runs over files (FnApiRunner): split the input by profile into "
+                 "this many runs, one after another, to bound memory; 1: one run; default 0: "
+                 "one run per 100,000 lines (pipeline/local_backfill.py)")
 
 
 # What `job_settings` requires, as `run --help` marks it (Beam forbids required=True).
@@ -303,6 +308,7 @@ class JobSettings:
     streaming: bool
     sink: SinkSettings  # its API key sources still lack the config's settings.apiKey
     id_attribute: str | None = None  # Pub/Sub de-duplication attribute (Beam's id_label)
+    local_partitions: int = 0  # runs a local batch job is split into; 0: from the input size
 
 
 def job_settings(options: PipelineOptions) -> JobSettings:
@@ -328,6 +334,8 @@ def job_settings(options: PipelineOptions) -> JobSettings:
     sink = _sink_settings(ours, problems)
     if ours.max_clock_skew_seconds < 0:
         problems.append("--max_clock_skew_seconds must not be negative")
+    if ours.local_partitions < 0:
+        problems.append("--local_partitions must not be negative (0: from the input size)")
     try:
         ttl = parse_duration(ours.identify_state_ttl)
     except OptionsError as error:
@@ -341,7 +349,7 @@ def job_settings(options: PipelineOptions) -> JobSettings:
         dry_run_output=ours.dry_run_output, identify_state_ttl_seconds=ttl,
         max_clock_skew_seconds=ours.max_clock_skew_seconds, streaming=kind != "files",
         sink=dataclasses.replace(sink, failed_memory_seconds=float(ttl)),
-        id_attribute=ours.input_id_attribute or None)
+        id_attribute=ours.input_id_attribute or None, local_partitions=ours.local_partitions)
 
 
 def pin_local_runner(options: PipelineOptions, *, streaming: bool) -> str:

@@ -1,15 +1,18 @@
 """`walkeros-klaviyo run` / `python -m pipeline`: check the options, build the job, run it.
 
 Local runs (no `--runner`, or a runner in this process) are waited for; a bounded one ends with
-a summary of the counters on stderr (stdout may carry the dry-run output). A job for a remote
-runner such as Dataflow is submitted and not waited for, as a Flex Template launcher needs.
+a summary of the counters on stderr (stdout may carry the dry-run output). A local batch run
+over a large input is split by profile into runs one after another, with one summary
+(pipeline/local_backfill.py). A job for a remote runner such as Dataflow is submitted and not
+waited for, as a Flex Template launcher needs.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from collections import Counter
+from typing import Any, TextIO
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -18,10 +21,12 @@ from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline import version_line
 from pipeline.assembly import build, read_config, sink_settings
+from pipeline.local_backfill import partition_count, partitioned
 from pipeline.local_streaming import STOP, install_stop_handlers, notify_stderr, settle_leases
 from pipeline.options import (
     LOCAL_RUNNERS,
     LOCAL_STREAMING_RUNNER,
+    JobSettings,
     OptionsError,
     help_parser,
     job_settings,
@@ -106,6 +111,9 @@ def main(argv: list[str]) -> int:
             unchecked = check_api_key(sink.api_key, base_url=sink.base_url)
             if unchecked:
                 print(f"{PROG}: warning: {unchecked}", file=sys.stderr)
+        partitions = partition_count(settings, runner)
+        if partitions > 1:  # a local backfill too big to hold in memory at once
+            return _run_partitions(options, settings, loaded.config, runner, partitions)
         pipeline = beam.Pipeline(options=options)
         build(pipeline, settings, loaded.config, runner)
     except (OptionsError, KlaviyoConfigurationError) as error:
@@ -118,7 +126,33 @@ def main(argv: list[str]) -> int:
     _quiet_local_runner_errors()
     if runner == LOCAL_STREAMING_RUNNER:
         install_stop_handlers(STOP, notify_stderr)
-    return _run_locally(pipeline, streaming=settings.streaming)
+    code, totals = _run_locally(pipeline, streaming=settings.streaming)
+    if totals is not None:
+        print_summary(totals, sys.stderr)
+    return code
+
+
+def _run_partitions(options: PipelineOptions, settings: JobSettings, config: dict[str, Any],
+                    runner: str, partitions: int) -> int:
+    """A local batch run split by profile into runs one after another (local_backfill.py);
+    one summary of them all."""
+    _quiet_local_runner_errors()
+    print(f"{PROG}: splitting the input by profile into {partitions} runs, one after another",
+          file=sys.stderr)
+    totals: Counter[str] = Counter()
+    with partitioned(settings, config, partitions) as runs:
+        for run in runs:
+            print(f"{PROG}: run {run.index} of {run.count}: {run.lines} lines", file=sys.stderr)
+            pipeline = beam.Pipeline(options=options)
+            build(pipeline, run.settings, config, runner)
+            code, part = _run_locally(pipeline, streaming=False)
+            if part is None or code:
+                print(f"{PROG}: stopped at run {run.index} of {run.count}; the runs before it "
+                      f"had finished", file=sys.stderr)
+                return code or 1
+            totals.update(part)
+    print_summary(totals, sys.stderr)
+    return 0
 
 
 def _quiet_local_runner_errors() -> None:
@@ -128,9 +162,11 @@ def _quiet_local_runner_errors() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def _run_locally(pipeline: beam.Pipeline, *, streaming: bool) -> int:
+def _run_locally(pipeline: beam.Pipeline, *, streaming: bool
+                 ) -> tuple[int, dict[str, int] | None]:
     """Run and wait (FnApiRunner runs inside `run`, the direct runner in the background);
-    settle what a local streaming read still leases; a failure is one line."""
+    settle what a local streaming read still leases; a failure is one line. The exit code, and
+    the counters of a batch run that finished."""
     try:
         result = pipeline.run()
         state = result.wait_until_finish()
@@ -138,21 +174,20 @@ def _run_locally(pipeline: beam.Pipeline, *, streaming: bool) -> int:
         released = settle_leases(succeeded=False)
         print(f"{PROG}: stopped at once; {released} pulled message(s) not acknowledged "
               f"will be delivered again by the next run", file=sys.stderr)
-        return 130
+        return 130, None
     except Exception as error:  # noqa: BLE001 - the job failed: one line, no traceback
         released = settle_leases(succeeded=False)
         print(f"{PROG}: the job failed: {_first_line(error)}"
               + (f"; {released} pulled message(s) not acknowledged will be delivered again "
                  f"by the next run" if streaming else ""), file=sys.stderr)
-        return 1
+        return 1, None
     if streaming:
         acknowledged = settle_leases(succeeded=True)
         print(f"{PROG}: stopped ({STOP.reason or 'input ended'}); everything pulled was "
               f"delivered or dead-lettered ({acknowledged} acknowledged at the end)",
               file=sys.stderr)
-    else:
-        print_summary(counter_totals(result), sys.stderr)
-    return 0 if state == PipelineState.DONE else 1
+    code = 0 if state == PipelineState.DONE else 1
+    return code, None if streaming else counter_totals(result)
 
 
 def _first_line(error: BaseException) -> str:

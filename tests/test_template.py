@@ -32,6 +32,7 @@ PARAMETERS = {parameter["name"]: parameter for parameter in METADATA["parameters
 NOT_IN_TEMPLATE = {
     "klaviyo_api_key": "a literal key would be stored in the job graph; the secret is used",
     "input": "file input makes a batch job; backfills run with `walkeros-klaviyo run`",
+    "local_partitions": "splits local FnApiRunner runs over files only; Dataflow is not split",
 }
 
 
