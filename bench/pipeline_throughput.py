@@ -97,7 +97,7 @@ def run_once(lines: Sequence[str], *, latency: float, scale: float, shards: int
         events.write_text("\n".join(lines) + "\n", encoding="utf-8")
         config.write_text(json.dumps(CONFIG), encoding="utf-8")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(events),
+        subprocess.run([sys.executable, "-m", "pipeline", "--input", str(events),
                         "--config", str(config), "--dead_letter_path", f"{tmp}/dead",
                         "--klaviyo_base_url", url, "--klaviyo_api_key", api_key,
                         "--rate_limit_scale", str(scale), "--sink_shards", str(shards)],
