@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = Path(args.code or Path(__file__).parents[1]).resolve()
     with tempfile.TemporaryDirectory() as tmp, KlaviyoTestServer(time_scale=60.0) as server:
         events_path, config_path = write_inputs(Path(tmp), events)
-        command = [sys.executable, "-m", "pipeline",
+        command = [sys.executable, "-m", "pipeline.cli",
                    *run_command(server, events_path, config_path, Path(tmp) / "dead")]
         env = {**os.environ, "PYTHONPATH": str(code)}
         subprocess.run(command, check=True, cwd=code, env=env, stderr=subprocess.DEVNULL)
