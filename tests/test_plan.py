@@ -157,6 +157,21 @@ def test_identify_state_sends_only_real_changes_and_never_older_ones() -> None:
     assert verdict is Verdict.CHANGED
 
 
+def test_the_replay_of_a_dead_lettered_upsert_is_a_hint_though_a_newer_event_had_its_body() -> None:
+    """The upsert of an event dies at the sink; a newer event with the same body is UNCHANGED
+    (and its hint settled before the sink knew of the failure). Replayed, the dead letter's
+    body is still the body the state holds: it is a hint for the sink, which sends it for the
+    dead-lettered profile, not OLDER and dropped."""
+    body = {"data": {"attributes": {"first_name": "A"}}}
+    state, _ = decide(None, body, 170, timestamp_ms=170)
+    state, verdict = decide(state, body, 206, timestamp_ms=206)
+    assert verdict is Verdict.UNCHANGED
+    after, verdict = decide(state, body, 170, timestamp_ms=170)  # the replay
+    assert verdict is Verdict.UNCHANGED and after == state  # the newest time stays
+    assert decide(state, {"data": {"attributes": {"first_name": "B"}}}, 170,
+                  timestamp_ms=170)[1] is Verdict.OLDER  # another older body still is
+
+
 def test_planned_bodies_are_accepted_by_the_sdk_models() -> None:
     simulation = Simulation(load_config_file(str(EXAMPLES / "flow.json")).config)
     models = {"create_event": EventCreateQueryV2, "create_or_update_profile": ProfileUpsertQuery}

@@ -17,8 +17,11 @@ its body changed (Klaviyo takes upserts at any time; only the event call is dead
 the newest event seen (a 1969 event never overwrites).
 
 **The verdicts**: CHANGED (the body differs from the last one planned and is not older: send it),
-UNCHANGED (equal to the last one planned: passed on as a *hint*), OLDER (older than the newest
-seen: never sent) and OUT_OF_RANGE (planned, as CHANGED, without moving the newest time).
+UNCHANGED (equal to the last one planned, whatever its time: passed on as a *hint*), OLDER (a
+different body older than the newest seen: never sent) and OUT_OF_RANGE (planned, as CHANGED,
+without moving the newest time). An equal body is a hint even when older: the replay of a
+dead-lettered upsert is older than a later event that carried the same body, and it must still
+reach the sink to repair the profile.
 
 **Following what Klaviyo holds.** A DAG has no way back from the sink to this state, so the
 state cannot know whether its last planned body reached Klaviyo. That is why an UNCHANGED body
@@ -86,13 +89,14 @@ def decide(state: IdentifyState | None, body: dict[str, object], order_ms: float
     """
     state = state or IdentifyState()
     digest = body_digest(body)
+    if digest == state.digest:  # the body planned last, at any time (a replayed dead letter)
+        newest = state.newest_ms if order_ms is None or (
+            state.newest_ms is not None and order_ms < state.newest_ms) else order_ms
+        return IdentifyState(digest, newest), Verdict.UNCHANGED
     if order_ms is None and state.newest_ms is not None and timestamp_ms < state.newest_ms:
         return state, Verdict.OLDER
     if order_ms is None:
-        if digest == state.digest:
-            return state, Verdict.UNCHANGED
         return IdentifyState(digest, state.newest_ms), Verdict.OUT_OF_RANGE
     if state.newest_ms is not None and order_ms < state.newest_ms:
         return state, Verdict.OLDER
-    verdict = Verdict.UNCHANGED if digest == state.digest else Verdict.CHANGED
-    return IdentifyState(digest, order_ms), verdict
+    return IdentifyState(digest, order_ms), Verdict.CHANGED
