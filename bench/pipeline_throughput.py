@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench.backfill import CONFIG, START_MS
-from bench.sink_throughput import CEILING_PER_MINUTE
+from bench.sink_throughput import CEILING_PER_MINUTE, server_process
 from tests.klaviyo_server import BULK_EVENTS, KlaviyoTestServer, LoggedRequest
 
 ROOT = Path(__file__).parents[1]
@@ -63,19 +61,6 @@ def _serve(conn: Connection, scale: float, latency: float) -> None:
         conn.send(server.requests())
 
 
-@contextmanager
-def _server(scale: float, latency: float) -> Iterator[tuple[str, str, Connection]]:
-    context = multiprocessing.get_context("spawn")
-    ours, theirs = context.Pipe()
-    process = context.Process(target=_serve, args=(theirs, scale, latency), daemon=True)
-    process.start()
-    try:
-        url, api_key = ours.recv()
-        yield url, api_key, ours
-    finally:
-        process.join(timeout=30)
-
-
 def share_of_ceiling(requests: Sequence[LoggedRequest]) -> tuple[float, int]:
     """(delivered rate as a share of the ceiling, events stored) from the server's log."""
     accepted = [entry for entry in requests if entry.route == BULK_EVENTS and entry.status == 202]
@@ -92,7 +77,7 @@ def run_once(lines: Sequence[str], *, latency: float, scale: float, shards: int
              ) -> tuple[float, int, float]:
     """(share of the ceiling, events stored, CPU seconds of the job) of one run."""
     with tempfile.TemporaryDirectory() as tmp, \
-            _server(scale, latency) as (url, api_key, conn):
+            server_process(scale, _serve, latency) as (url, api_key, conn):
         events, config = Path(tmp) / "events.jsonl", Path(tmp) / "config.json"
         events.write_text("\n".join(lines) + "\n", encoding="utf-8")
         config.write_text(json.dumps(CONFIG), encoding="utf-8")

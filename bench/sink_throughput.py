@@ -46,7 +46,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -138,11 +138,15 @@ def _serve(conn: Connection, scale: float) -> None:
 
 
 @contextmanager
-def server_process(scale: float) -> Iterator[tuple[str, str, Connection]]:
-    """A test server in a child process: (url, api key, connection to ask for the totals)."""
+def server_process(scale: float, serve: Callable[..., None] | None = None, *args: Any
+                   ) -> Iterator[tuple[str, str, Connection]]:
+    """A test server in a child process: (url, api key, connection to ask for the totals).
+
+    `serve(conn, scale, *args)` runs in the child (default: this benchmark's `_serve`); it sends
+    the address first, then answers one request on the connection before it stops."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    process = context.Process(target=_serve, args=(theirs, scale), daemon=True)
+    process = context.Process(target=serve or _serve, args=(theirs, scale, *args), daemon=True)
     process.start()
     try:
         url, api_key = ours.recv()
