@@ -49,6 +49,18 @@ def _replay(argv: Sequence[str]) -> int:
     return replay_main(list(argv))
 
 
+class _Version(argparse.Action):
+    """`--version`, its line built only when asked for: it names Beam's version, and importing
+    Beam costs `simulate` a second of start-up."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_line())  # on stdout, as argparse's own version action writes it
+        parser.exit()
+
+
 # Subcommands that parse their own arguments (Beam's options, or their own parser).
 _DELEGATED = {"run": _run, "replay": _replay}
 
@@ -57,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walkeros-klaviyo",
         description="Deliver walkerOS events to Klaviyo (Apache Beam).")
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser(

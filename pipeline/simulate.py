@@ -29,7 +29,7 @@ from transforms.klaviyo.identify_state import (
     ordering_time,
 )
 from transforms.klaviyo.plan import Call, EventPlan, Planner
-from transforms.lines import Readable, is_blank, split_lines, to_json_line
+from transforms.lines import Readable, event_lines, to_json_line
 
 
 class Simulation:
@@ -108,15 +108,13 @@ def _finite_and_static(value: Any) -> bool:
 def simulate(config: dict[str, Any], source: Readable) -> Iterator[dict[str, Any]]:
     """One output record per non-blank line of a binary input, in order."""
     simulation = Simulation(config)
-    for line in split_lines(source):
-        if not is_blank(line):
-            yield simulation.step(line)
+    for line in event_lines(source):
+        yield simulation.step(line)
 
 
 def write_simulation(config: dict[str, Any], source: Readable, out: TextIO) -> None:
     """`walkeros-klaviyo simulate`: the records of `simulate` as JSON Lines on `out`."""
     simulation = Simulation(config)
     write = out.write
-    for line in split_lines(source):
-        if not is_blank(line):
-            write(simulation.step_json(line) + "\n")
+    for line in event_lines(source):
+        write(simulation.step_json(line) + "\n")

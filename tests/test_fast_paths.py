@@ -283,8 +283,10 @@ def test_simulate_imports_neither_beam_nor_the_sdk() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.cli, pipeline.simulate; "
+    code = ("import sys, io, pipeline.cli, pipeline.simulate; "
+            "sys.stdin = io.TextIOWrapper(io.BytesIO(b'')); "
+            "pipeline.cli.main(['simulate', '--config', 'examples/flow.json', '--input', '-']); "
             "print(sorted(m for m in ('apache_beam', 'klaviyo_api') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()
+                            check=True, cwd=EXAMPLES.parent).stdout.strip()
     assert loaded == "[]"

@@ -51,6 +51,12 @@ def is_blank(line: bytes) -> bool:
     return not line.strip(_WHITE_SPACE)
 
 
+def event_lines(handle: Readable) -> Iterator[bytes]:
+    """The lines that can hold an event: `split_lines` without the blank ones (for readers that
+    skip them without counting, like `simulate`)."""
+    return (line for line in split_lines(handle) if not is_blank(line))
+
+
 def to_json_line(value: Any) -> str:
     """Compact, one line, non-ASCII text as it is; but escaped when the value holds a lone
     surrogate (JSON input may contain `"\\ud800"`), which UTF-8 cannot encode."""
