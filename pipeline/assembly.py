@@ -27,6 +27,7 @@ from transforms.json_lines import WINDOW_SECONDS
 from transforms.klaviyo.api_key import ENV_VAR, ApiKeySource
 from transforms.klaviyo.identify_state import DEFAULT_MAX_SKEW_SECONDS
 from transforms.parse import Parse
+from transforms.parts import Parts
 from transforms.plan import Clock, Plan
 from transforms.preflight import Preflight
 from transforms.read import ReadJsonLines, lift_emulator_receive_limit, pattern_problem
@@ -45,7 +46,8 @@ def read_config(path: str, destination: str | None) -> LoadedConfig:
 
 
 class PlanCalls(beam.PTransform):
-    """Input records (Pub/Sub messages, bytes or lines) → (outgoing events, dead letters)."""
+    """Input records (Pub/Sub messages, bytes or lines) → (outgoing events as parts, dead
+    letters): the parts are flattened by the sink (transforms/parts.py)."""
 
     def __init__(self, config: dict[str, Any], *, ttl_seconds: int,
                  max_skew_seconds: float = DEFAULT_MAX_SKEW_SECONDS,
@@ -56,14 +58,14 @@ class PlanCalls(beam.PTransform):
         self.max_skew_seconds = max_skew_seconds
         self.clock = clock
 
-    def expand(self, records: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+    def expand(self, records: beam.PCollection) -> tuple[Parts, beam.PCollection]:
         events, parse_dead = records | "parse" >> Parse()
         planned, plan_dead = events | "plan" >> Plan(self.config, clock=self.clock)
         calls, state_dead = planned | "identify_state" >> ApplyIdentifyState(
             ttl_seconds=self.ttl_seconds, max_skew_seconds=self.max_skew_seconds,
             clock=self.clock)
         ready, preflight_dead = calls | "preflight" >> Preflight()
-        dead = (parse_dead, plan_dead, state_dead, preflight_dead) | "dead_letters" >> \
+        dead = (parse_dead, plan_dead, state_dead, *preflight_dead) | "dead_letters" >> \
             beam.Flatten()
         return ready, dead
 

@@ -13,7 +13,6 @@ from a `"\ud800"` escape).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -29,7 +28,7 @@ from transforms.klaviyo.identify_state import (
     ordering_time,
 )
 from transforms.klaviyo.plan import Call, EventPlan, Planner
-from transforms.lines import Readable, event_lines, to_json_line
+from transforms.lines import Readable, event_lines, finite_and_static, to_json_line
 
 
 class Simulation:
@@ -38,7 +37,7 @@ class Simulation:
     def __init__(self, config: dict[str, Any]) -> None:
         self.planner = Planner(config)
         self.states: dict[str, IdentifyState] = {}
-        self._finite_config = _finite_and_static(config)
+        self._finite_config = finite_and_static(config)
 
     def verdict(self, plan: EventPlan, order_ms: float | None) -> Verdict | None:
         """The identify-state verdict on this plan's upsert, updating the state (port.md D1;
@@ -86,23 +85,8 @@ class Simulation:
         except orjson.JSONDecodeError:
             return to_json_line(self.step(raw, now_ms))
         record = self.step(event if event.__class__ is dict else raw, now_ms)
-        if self._finite_config:
-            try:
-                return orjson.dumps(record).decode()
-            except TypeError:  # integers beyond 64 bits, lone surrogates
-                pass
-        return to_json_line(record)
+        return to_json_line(record, finite=self._finite_config)
 
-
-def _finite_and_static(value: Any) -> bool:
-    """No infinite or NaN number and no callable anywhere in a config value."""
-    if isinstance(value, dict):
-        return all(_finite_and_static(item) for item in value.values())
-    if isinstance(value, list):
-        return all(_finite_and_static(item) for item in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return not callable(value)
 
 
 def simulate(config: dict[str, Any], source: Readable) -> Iterator[dict[str, Any]]:

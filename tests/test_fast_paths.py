@@ -24,7 +24,7 @@ from tests.conformance import SETS, load_cases
 from tests.test_properties import configs, events, json_values, mapping_values
 from transforms.klaviyo import preflight
 from transforms.klaviyo.wire import iso_time
-from transforms.lines import to_json_line
+from transforms.lines import standard_json_line, to_json_line
 from transforms.walkeros import jsvalues
 from transforms.walkeros import mapping as mapping_module
 from transforms.walkeros.config import ConfigError, load_config, load_config_file
@@ -179,6 +179,33 @@ def test_simulate_lines_of_generated_events(config: dict[str, Any], batch: list[
         return
     lines = [json.dumps(raw) for raw in batch]
     assert_same_lines(Simulation(loaded.config), Simulation(loaded.config), lines)
+
+
+plain_values = st.recursive(leaves.filter(lambda leaf: leaf is not UNDEFINED),
+                            lambda children: st.lists(children, max_size=4)
+                            | st.dictionaries(texts, children, max_size=4), max_leaves=16)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(value=plain_values)
+def test_json_lines_are_the_same_json_values(value: Any) -> None:
+    """The dry-run and dead-letter lines: the same JSON value as the general writer, NaN and
+    the infinities included (orjson would write them as null), on one line of valid UTF-8."""
+    fast, slow = to_json_line(value), standard_json_line(value)
+    assert "\n" not in fast
+    fast.encode("utf-8")
+    # Decoded again and written by the standard library: equal texts mean equal values,
+    # NaN in the same places (NaN != NaN as a float), 1 and 1.0 and True told apart.
+    assert json.dumps(json.loads(fast), sort_keys=True) == json.dumps(json.loads(slow),
+                                                                       sort_keys=True)
+
+
+def test_an_infinite_number_in_an_event_is_written_as_the_standard_writer_writes_it() -> None:
+    """`1e999` parses as infinity (the standard parser; orjson refuses it): its dry-run line
+    keeps `Infinity`, where orjson alone would have written `null`."""
+    assert to_json_line({"value": float("inf"), "id": None}) == '{"value":Infinity,"id":null}'
+    assert to_json_line({"value": float("nan")}) == '{"value":NaN}'
+    assert to_json_line({"value": 1.5, "id": "x"}) == '{"value":1.5,"id":"x"}'
 
 
 def test_numbers_json_cannot_write_are_written_as_before() -> None:

@@ -56,7 +56,7 @@ def _planned(pipeline: beam.Pipeline, source: beam.PTransform
              ) -> tuple[list[str], dict[str, int]]:
     _OUT.clear()
     calls, _ = pipeline | source | PlanCalls(CONFIG, ttl_seconds=86_400, clock=lambda: NOW_S)
-    calls | beam.FlatMap(dry_run_records) | beam.Map(_keep)
+    calls | beam.Flatten() | beam.FlatMap(dry_run_records) | beam.Map(_keep)
     result = pipeline.run()
     result.wait_until_finish()
     totals = counter_totals(result)

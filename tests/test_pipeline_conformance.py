@@ -98,9 +98,10 @@ def pipeline_output(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, 
         calls, state_dead = planned.planned | "identify_state" >> ApplyIdentifyState(
             ttl_seconds=30 * 86_400, clock=lambda: NOW_MS / 1000)
         ready, preflight_dead = calls | "preflight" >> Preflight()
-        dead = (parse_dead, planned[DEAD_LETTERS], state_dead, preflight_dead) | \
+        dead = (parse_dead, planned[DEAD_LETTERS], state_dead, *preflight_dead) | \
             "dead" >> beam.Flatten()
-        ((ready | "sent" >> beam.FlatMap(_sent), dead | "dead_json" >> beam.Map(_dead))
+        sent = ready | "ready" >> beam.Flatten() | "sent" >> beam.FlatMap(_sent)
+        ((sent, dead | "dead_json" >> beam.Map(_dead))
          | beam.Flatten()
          | beam.Map(json.dumps)
          | beam.io.WriteToText(str(prefix)))

@@ -59,8 +59,9 @@ def run(tmp_path_factory: pytest.TempPathFactory
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
     calls, dead = pipeline | beam.Create(messages) | PlanCalls(
         CONFIG, ttl_seconds=86_400, clock=lambda: NOW_S)
-    calls | "calls" >> beam.FlatMap(dry_run_records) | "calls_json" >> beam.Map(json.dumps) | \
-        "write_calls" >> beam.io.WriteToText(str(out / "calls"))
+    (calls | "flatten" >> beam.Flatten() | "calls" >> beam.FlatMap(dry_run_records)
+     | "calls_json" >> beam.Map(json.dumps)
+     | "write_calls" >> beam.io.WriteToText(str(out / "calls")))
     dead | "dead" >> beam.Map(DeadLetterRecord.to_json) | "dead_json" >> beam.Map(json.dumps) | \
         "write_dead" >> beam.io.WriteToText(str(out / "dead"))
     result = pipeline.run()

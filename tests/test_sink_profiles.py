@@ -205,7 +205,7 @@ def test_a_streaming_outage_healed_and_replayed_ends_with_every_profile_newest(
                              options=PipelineOptions(["--streaming"]))
     calls, _ = pipeline | stream | PlanCalls(CONFIG, ttl_seconds=86_400,
                                              clock=lambda: later["timestamp"] / 1000)
-    (calls | beam.Map(_heal_when_the_replay_arrives)
+    (calls | beam.Flatten() | beam.Map(_heal_when_the_replay_arrives)
      | SendToKlaviyo(sink, clock=lambda: 0.0) | beam.Map(_collect))
     pipeline.run().wait_until_finish()
 

@@ -18,6 +18,7 @@ import apache_beam as beam
 from transforms.elements import OutgoingEvent
 from transforms.json_lines import WriteJsonLines
 from transforms.metrics import counter
+from transforms.parts import Parts, as_parts
 
 
 def dry_run_records(outgoing: OutgoingEvent) -> Iterator[dict[str, Any]]:
@@ -29,7 +30,8 @@ def dry_run_records(outgoing: OutgoingEvent) -> Iterator[dict[str, Any]]:
 
 
 class WriteDryRun(beam.PTransform):
-    """Outgoing events → JSON Lines at `destination` (`-` for stdout, or a file path prefix)."""
+    """Outgoing events (one PCollection or parts: transforms/parts.py) → JSON Lines at
+    `destination` (`-` for stdout, or a file path prefix)."""
 
     def __init__(self, destination: str, *, streaming: bool,
                  clock: Callable[[], float] = time.time) -> None:
@@ -38,7 +40,8 @@ class WriteDryRun(beam.PTransform):
         self.streaming = streaming
         self.clock = clock  # stamps streaming file lines (transforms/json_lines.py)
 
-    def expand(self, calls: beam.PCollection) -> beam.pvalue.PDone:
-        calls | "write" >> WriteJsonLines(self.destination, streaming=self.streaming,
+    def expand(self, calls: beam.PCollection | Parts) -> beam.pvalue.PDone:
+        parts = as_parts(calls)
+        parts | "write" >> WriteJsonLines(self.destination, streaming=self.streaming,
                                           to_values=dry_run_records, clock=self.clock)
-        return beam.pvalue.PDone(calls.pipeline)
+        return beam.pvalue.PDone(parts[0].pipeline)

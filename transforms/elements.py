@@ -6,6 +6,11 @@ can dead-letter the original message (port.md D9) rather than a half-processed c
 `PlannedEvent` crosses the identify state's shuffle, `OutgoingEvent` the sink's (and waits in its
 state): both have a compact explicit encoding (`encode_planned`, `encode_outgoing`: JSON via
 orjson plus the raw payload bytes), which does not depend on how a Python class pickles.
+
+They are values: no stage changes one it was given (`dataclasses.replace` makes a changed copy).
+They are not `frozen`, though: a frozen dataclass sets each field through `object.__setattr__`,
+which made building one 3.5 times slower (0.55 µs against 0.15 µs with slots), and several are
+built per event.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from transforms.klaviyo.plan import Call, EventPlan
 from transforms.klaviyo.wire import CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Envelope:
     """One input record as received: a Pub/Sub message or one line of a file."""
 
@@ -32,7 +37,7 @@ class Envelope:
     ordering_key: str | None = None  # kept for the dead letters, so a replay can set it again
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ParsedEvent:
     """A valid walkerOS event (parse stage)."""
 
@@ -40,7 +45,7 @@ class ParsedEvent:
     event: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PlannedEvent:
     """The Klaviyo calls an event asks for, before the identify-state decision (plan stage)."""
 
@@ -48,7 +53,7 @@ class PlannedEvent:
     plan: EventPlan
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutgoingEvent:
     """One planned event on its way to Klaviyo, after the identify-state decision.
 

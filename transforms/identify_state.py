@@ -67,6 +67,7 @@ from transforms.klaviyo.identify_state import (
     sink_order,
 )
 from transforms.metrics import counter
+from transforms.parts import Parts
 
 _EVENT_ONLY = "event_only"
 # (digest of the last body planned, newest ordering time in ms, when the key expires): explicit
@@ -189,7 +190,9 @@ def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | T
 
 
 class ApplyIdentifyState(beam.PTransform):
-    """Planned events → (outgoing events, dead letters)."""
+    """Planned events → (outgoing events as two parts: decided and direct, dead letters).
+
+    The parts are not flattened here (transforms/parts.py)."""
 
     def __init__(self, *, ttl_seconds: int,
                  max_skew_seconds: float = DEFAULT_MAX_SKEW_SECONDS,
@@ -199,7 +202,7 @@ class ApplyIdentifyState(beam.PTransform):
         self.max_skew_seconds = max_skew_seconds
         self.clock = clock
 
-    def expand(self, planned: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+    def expand(self, planned: beam.PCollection) -> tuple[Parts, beam.PCollection]:
         routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
             tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
         if planned.pipeline.options.view_as(StandardOptions).streaming:
@@ -213,5 +216,4 @@ class ApplyIdentifyState(beam.PTransform):
             DEAD_LETTERS, main="calls")
         direct = routed[_EVENT_ONLY] | "event_only" >> beam.Map(_event_only).with_output_types(
             OutgoingEvent)
-        calls = (decided.calls, direct) | "calls" >> beam.Flatten()
-        return calls, decided[DEAD_LETTERS]
+        return (decided.calls, direct), decided[DEAD_LETTERS]

@@ -23,6 +23,7 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.lines import to_json_line
+from transforms.parts import Parts, as_parts, flatten, label
 
 STDOUT = "-"
 WINDOW_SECONDS = 60
@@ -64,9 +65,10 @@ class _JsonLines:
 
 
 class WriteJsonLines(beam.PTransform):
-    """Elements → JSON Lines at `destination`: `-` for stdout, else a file path prefix (local
-    or gs://). `to_values` makes each element any number of JSON values (default: the element
-    is one already).
+    """Elements (one PCollection or parts: transforms/parts.py) → JSON Lines at `destination`:
+    `-` for stdout, else a file path prefix (local or gs://). `to_values` makes each element any
+    number of JSON values (default: the element is one already); the parts are flattened as
+    lines.
 
     `clock` (seconds) stamps the lines of a streaming run; tests pass their own."""
 
@@ -79,8 +81,10 @@ class WriteJsonLines(beam.PTransform):
         self.to_values = to_values
         self.clock = clock
 
-    def expand(self, values: beam.PCollection) -> beam.PCollection:
-        lines = values | "to_json" >> beam.FlatMap(_JsonLines(self.to_values))
+    def expand(self, values: beam.PCollection | Parts) -> beam.PCollection:
+        lines = flatten(tuple(part | label("to_json", index) >> beam.FlatMap(
+            _JsonLines(self.to_values)).with_output_types(str)
+            for index, part in enumerate(as_parts(values))), "lines")
         if self.destination == STDOUT:
             return lines | "print" >> beam.Map(_print_line)
         if not self.streaming:

@@ -19,8 +19,11 @@ and becomes a dead letter with its bytes kept (base64), instead of failing the w
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from typing import Any, Protocol
+
+import orjson
 
 BOM = b"\xef\xbb\xbf"
 _WHITE_SPACE = b" \t\r\n"
@@ -57,12 +60,43 @@ def event_lines(handle: Readable) -> Iterator[bytes]:
     return (line for line in split_lines(handle) if not is_blank(line))
 
 
-def to_json_line(value: Any) -> str:
+def to_json_line(value: Any, *, finite: bool = False) -> str:
     """Compact, one line, non-ASCII text as it is; but escaped when the value holds a lone
-    surrogate (JSON input may contain `"\\ud800"`), which UTF-8 cannot encode."""
+    surrogate (JSON input may contain `"\\ud800"`), which UTF-8 cannot encode.
+
+    orjson writes it first, about five times faster than `json.dumps` and as the same JSON value,
+    except for an infinite or NaN number (`json.dumps` writes `Infinity`, `NaN`; orjson `null`:
+    an event may hold one, `1e999` parses as infinity). So its line is kept only when it has no
+    `null` at all, or when the caller knows the value is `finite`; what orjson refuses (lone
+    surrogates, integers over 64 bits, keys that are not strings) goes the slow way too."""
+    try:
+        fast = orjson.dumps(value)
+    except TypeError:
+        pass
+    else:
+        if finite or b"null" not in fast:
+            return fast.decode()
+    return standard_json_line(value)
+
+
+def standard_json_line(value: Any) -> str:
+    """`to_json_line` by the standard library alone (its general path)."""
     line = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(value, separators=(",", ":"))
     return line
+
+
+def finite_and_static(config: Any) -> bool:
+    """No infinite or NaN number and no callable anywhere in a config value: then nothing
+    planned with it from an event orjson decoded (it refuses `NaN`, `Infinity` and `1e999`)
+    holds a non-finite number, and the output may be written with `finite=True`."""
+    if isinstance(config, dict):
+        return all(finite_and_static(item) for item in config.values())
+    if isinstance(config, list):
+        return all(finite_and_static(item) for item in config)
+    if isinstance(config, float):
+        return math.isfinite(config)
+    return not callable(config)

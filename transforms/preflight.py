@@ -17,6 +17,7 @@ from apache_beam.pvalue import TaggedOutput
 from transforms.dead_letters import DEAD_LETTERS, PREFLIGHT, dead_letter
 from transforms.elements import OutgoingEvent
 from transforms.klaviyo.plan import Call
+from transforms.parts import Parts, as_parts, label
 
 
 def _problem(outgoing: OutgoingEvent, call: Call) -> TaggedOutput:
@@ -41,9 +42,14 @@ def _check(outgoing: OutgoingEvent) -> Iterator[OutgoingEvent | TaggedOutput]:
 
 
 class Preflight(beam.PTransform):
-    """Outgoing events → (events to send, dead letters)."""
+    """Outgoing events (one PCollection or parts) → (events to send as parts, dead letters as
+    parts), part by part (transforms/parts.py)."""
 
-    def expand(self, calls: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        outputs = calls | "check" >> beam.FlatMap(_check).with_output_types(
-            OutgoingEvent).with_outputs(DEAD_LETTERS, main="ok")
-        return outputs.ok, outputs[DEAD_LETTERS]
+    def expand(self, calls: beam.PCollection | Parts) -> tuple[Parts, Parts]:
+        ok, dead = [], []
+        for index, part in enumerate(as_parts(calls)):
+            outputs = part | label("check", index) >> beam.FlatMap(_check).with_output_types(
+                OutgoingEvent).with_outputs(DEAD_LETTERS, main="ok")
+            ok.append(outputs.ok)
+            dead.append(outputs[DEAD_LETTERS])
+        return tuple(ok), tuple(dead)

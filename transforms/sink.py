@@ -102,6 +102,7 @@ from transforms.klaviyo.sender import (
     expired,
 )
 from transforms.metrics import NAMESPACE, counter, dead_letter_reason_counter_name
+from transforms.parts import Parts, as_parts, flatten, label
 
 COMPACT_EVERY = 64  # buffered calls after which a streaming buffer becomes one bag item
 RETRY_SECONDS = 1.0  # how soon a flush that left work unsettled runs again (streaming)
@@ -656,19 +657,23 @@ def _unframed(items: Iterable[bytes]) -> Iterator[bytes]:
 
 
 class SendToKlaviyo(beam.PTransform):
-    """Outgoing events → dead letters of the sink stage (all else is delivered)."""
+    """Outgoing events (one PCollection or parts: transforms/parts.py) → dead letters of the
+    sink stage (all else is delivered). The parts are keyed, then flattened."""
 
     def __init__(self, settings: SinkSettings, clock: Callable[[], float] = time.time) -> None:
         super().__init__()
         self._settings = settings
         self._clock = clock
 
-    def expand(self, calls: beam.PCollection) -> beam.PCollection:
+    def expand(self, calls: beam.PCollection | Parts) -> beam.PCollection:
         shards = self._settings.shards
-        streaming = bool(calls.pipeline.options.view_as(StandardOptions).streaming)
-        return (calls
-                | "shard" >> beam.Map(lambda outgoing: (shard_key(outgoing, shards), outgoing))
-                .with_output_types(tuple[str, OutgoingEvent])
-                | "send" >> beam.ParDo(_SendFlushes(self._settings, streaming=streaming,
-                                                    clock=self._clock)))
+        parts = as_parts(calls)
+        streaming = bool(parts[0].pipeline.options.view_as(StandardOptions).streaming)
+        keyed = flatten(tuple(
+            part | label("shard", index) >> beam.Map(
+                lambda outgoing: (shard_key(outgoing, shards), outgoing)).with_output_types(
+                tuple[str, OutgoingEvent])
+            for index, part in enumerate(parts)), "keyed")
+        return keyed | "send" >> beam.ParDo(_SendFlushes(self._settings, streaming=streaming,
+                                                          clock=self._clock))
 
