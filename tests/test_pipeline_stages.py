@@ -139,3 +139,38 @@ def test_element_timestamp_stands_in_for_a_missing_publish_time() -> None:
     assert envelope_of(message).publish_time_ms is None
     assert envelope_of(_message({}, "m")).publish_time_ms == PUBLISHED.timestamp() * 1000
     assert envelope_of("line", Timestamp(1_764_000_000)).publish_time_ms is None
+
+
+def _flattened_types(pipeline: beam.Pipeline) -> list[Any]:
+    """The element types of every PCollection a Flatten of the pipeline takes in."""
+    found: list[Any] = []
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, applied: beam.pipeline.AppliedPTransform) -> None:
+            if isinstance(applied.transform, beam.Flatten):
+                found.extend(pcoll.element_type for pcoll in applied.inputs)
+
+    pipeline.visit(Visitor())
+    return found
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_outgoing_events_are_never_flattened(dry_run: bool, tmp_path: Any) -> None:
+    """FnApiRunner materializes every Flatten of two stages' outputs (transforms/parts.py):
+    the identify state's two parts reach the sink unflattened, and the sink flattens lines
+    (dry run) or keyed events (its shuffle), never the outgoing events themselves."""
+    from pipeline.assembly import build
+    from pipeline.options import job_settings
+    from transforms.elements import OutgoingEvent
+
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--config", "unused.json",
+            "--dead_letter_path", str(tmp_path / "dead")]
+    argv += (["--dry_run_output", str(tmp_path / "calls")] if dry_run
+             else ["--klaviyo_api_key", "pk_test_0123456789abcdef"])
+    options = PipelineOptions(argv)
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, job_settings(options), CONFIG, runner="FnApiRunner")
+    types = _flattened_types(pipeline)
+    assert types, "the graph has Flattens (dead letters, lines or keyed events)"
+    assert OutgoingEvent not in types
