@@ -39,6 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+import orjson
+
 BULK_EVENTS = "POST /api/event-bulk-create-jobs"
 EVENTS = "POST /api/events"
 PROFILE_IMPORT = "POST /api/profile-import"
@@ -713,11 +715,23 @@ def _invalid(pointer: str, detail: str) -> _Rejected:
 
 
 _UNREADABLE = object()  # a body that is not JSON
+_LONG_NUMBER = re.compile(rb"\d{19}")  # any integer beyond 64 bits has 19 digits or more
 
 
 def _parse(raw: bytes) -> Any:
+    """The body as the standard library reads it; orjson first, because at limits scaled ×10
+    the server parses 25 bulk bodies of 1000 events a second; a body orjson refuses (NaN, lone
+    surrogates, bad JSON) or could read otherwise (an integer over 64 bits) gets the standard
+    library's answer."""
+    if not raw:
+        return _UNREADABLE
+    if not _LONG_NUMBER.search(raw):  # orjson reads an integer beyond 64 bits as a float
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        return json.loads(raw) if raw else _UNREADABLE
+        return json.loads(raw)
     except ValueError:
         return _UNREADABLE
 
@@ -833,9 +847,11 @@ def _repeat_key(profile: Json, attributes: Json) -> tuple[str, str, str] | None:
     unique_id = attributes.get("unique_id")
     if unique_id is None:
         return None
-    identity = json.dumps(
-        {key: profile.get(key) for key in EVENT_PROFILE_IDENTIFIERS}, sort_keys=True
-    )
+    identifiers = {key: profile.get(key) for key in EVENT_PROFILE_IDENTIFIERS}
+    try:
+        identity = orjson.dumps(identifiers, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # what orjson cannot write (lone surrogates)
+        identity = json.dumps(identifiers, sort_keys=True)
     return identity, attributes["metric"]["data"]["attributes"]["name"], unique_id
 
 

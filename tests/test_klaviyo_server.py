@@ -129,3 +129,22 @@ def test_answers_are_schema_valid_for_the_typed_sdk(klaviyo_server: KlaviyoTestS
     assert job.data.attributes.status == "queued"
     assert statuses == ["processing", "complete"]
     assert errors.data[0].attributes.original_payload == {"email": "x"}
+
+
+@pytest.mark.parametrize("raw", [b'{"a": 1, "b": [1.5, "x"]}', b'{"a": NaN}', b'{"a": 1e999}',
+                                 b'{"a": "\\ud800"}', b'{"a": 123456789012345678901234567890}',
+                                 b'{"a": -9223372036854775809}', b'{"a": 18446744073709551616}',
+                                 b'{"a": 1, "a": 2}', b"[1, 2]"])
+def test_bodies_are_read_as_the_standard_library_reads_them(raw: bytes) -> None:
+    """The server reads with orjson first (speed) and falls back to the standard library, so a
+    body orjson refuses still gets the answer it got before."""
+    from tests.klaviyo_server import _parse
+
+    assert repr(_parse(raw)) == repr(json.loads(raw))
+
+
+def test_unreadable_bodies_stay_unreadable() -> None:
+    from tests.klaviyo_server import _UNREADABLE, _parse
+
+    assert _parse(b"{not json") is _UNREADABLE
+    assert _parse(b"") is _UNREADABLE
