@@ -11,6 +11,8 @@ estimate must stay above the bytes sent.
 
 from __future__ import annotations
 
+import copy
+import gc
 import io
 import json
 from collections import Counter
@@ -196,7 +198,7 @@ def with_property(value: Any) -> Mapping[str, Any]:
     """The first packed conformance events request, with `value` as a property of one event."""
     (_, batch), *_ = [(n, b) for method, n, b in REQUESTS
                       if method == CREATE_EVENT and n.endswith("-all")]
-    body = batch.body()
+    body = copy.deepcopy(batch.body())  # its events are the batch's own dicts
     entry = body["data"]["attributes"]["events-bulk-create"]["data"][0]
     event = entry["attributes"]["events"]["data"][0]["attributes"]
     event["properties"] = {**event.get("properties", {}), "odd": value, "plain": "é 1"}
@@ -253,3 +255,31 @@ def test_the_comparison_sees_a_different_type(changed: bytes) -> None:
     sdk, ours = recorder.sent
     assert json.loads(sdk.body) == json.loads(ours.body) or changed == b'"odd":"1"'
     assert not same_request(sdk, ours)
+
+
+def test_no_cyclic_collection_runs_while_a_body_is_encoded() -> None:
+    """The encode pauses the cyclic collector (client.py) and leaves it as it found it, also
+    when the SDK's model refuses the body."""
+    body = with_property(1)
+    refused = with_property(1)
+    refused["data"]["attributes"]["events-bulk-create"]["data"][0]["attributes"]["events"][
+        "data"][0]["attributes"]["value"] = "9.99"  # must be a number
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            for _ in range(3):
+                KlaviyoClient.encode_bulk_events(body)
+            with pytest.raises(KlaviyoCallError):
+                KlaviyoClient.encode_bulk_events(refused)
+            assert gc.isenabled() is enabled
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+    assert collections == []

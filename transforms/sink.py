@@ -588,7 +588,15 @@ class _SendFlushes(beam.DoFn):
             return
 
         def run() -> list[DeadLetterRecord]:
-            flush.run_to_end(*_decoded(taken))
+            decoded = _decoded(taken)
+            # The end of a batch job: the decoded calls of every key (millions of objects for a
+            # large backfill) live until their flush ends, and each request allocates thousands
+            # more, which sets off full cyclic collections that walk them all and find nothing
+            # (measured: 21 of 0.1-1.5 s in a 172,500-event job, stalling every shard). Frozen,
+            # they are skipped; refcounting still frees them. (Not in streaming: there a flush
+            # holds at most a batch, and frozen cycles would never be collected.)
+            gc.freeze()
+            flush.run_to_end(*decoded)
             return flush.dead
         self._running.append((self._pool.submit(run), tally))
 

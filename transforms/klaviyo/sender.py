@@ -229,7 +229,7 @@ class KlaviyoSender:
                 current, upcoming = upcoming, None
                 if ahead is not None and position + 1 < len(batches) \
                         and self._clock() <= deadline:
-                    upcoming = ahead.submit(prepare, batches[position + 1].body())
+                    upcoming = ahead.submit(prepare, batches[position + 1])
                 prepare_batch = (prepare if current is None
                                  else _prepared_first(current, prepare))
                 for sent, _ in self._deliver(Endpoint.BULK_EVENTS, batch, prepare_batch, deadline,
@@ -247,9 +247,9 @@ class KlaviyoSender:
         batch = SingleCall(0, dict(_body(call, CREATE_OR_UPDATE_PROFILE)))
         outcomes: dict[int, Outcome] = {}
 
-        def prepare(body: Json) -> Callable[[], Response]:
+        def prepare(single: SingleCall) -> Callable[[], Response]:
             # One profile: the SDK's own method (it validates on every attempt) costs little.
-            return partial(self._client.create_or_update_profile, body)
+            return partial(self._client.create_or_update_profile, single.body())
 
         if self._deliver(Endpoint.PROFILE_IMPORT, batch, prepare, deadline, outcomes):
             return Delivered()
@@ -314,13 +314,13 @@ class KlaviyoSender:
         self,
         endpoint: Endpoint,
         batch: B,
-        prepare: Callable[[Json], Callable[[], Response]],
+        prepare: Callable[[B], Callable[[], Response]],
         deadline: float,
         outcomes: dict[int, Outcome],
     ) -> list[tuple[B, Response]]:
         """Deliver one request by `deadline`, isolating what Klaviyo will not take (module
         docstring); returns the parts it accepted with their responses. Calls dead-lettered
-        or still pending go into `outcomes`. `prepare` makes a part's request from its body,
+        or still pending go into `outcomes`. `prepare` makes a part's request from its batch,
         once: it raises `KlaviyoCallError` when the SDK's model refuses the body (nothing is
         sent then, and the entries the failure names are isolated like a 400's)."""
         accepted: list[tuple[B, Response]] = []
@@ -334,7 +334,7 @@ class KlaviyoSender:
             if self._clock() > deadline:
                 break
             try:
-                part.request = part.request or prepare(part.batch.body())
+                part.request = part.request or prepare(part.batch)
             except KlaviyoCallError as refused:
                 parts.remove(part)
                 parts += self._after_failure(endpoint, part, refused.failure, deadline, outcomes,
@@ -494,27 +494,27 @@ class KlaviyoSender:
 
 def _prepare(
     encode: Callable[[Json], Encoded], send: Callable[[Encoded], Response]
-) -> Callable[[Json], Callable[[], Response]]:
+) -> Callable[[Batch], Callable[[], Response]]:
     """A bulk endpoint's `prepare` for `_deliver`: encode the body once, send those bytes."""
 
-    def prepare(body: Json) -> Callable[[], Response]:
-        return partial(send, encode(body))
+    def prepare(batch: Batch) -> Callable[[], Response]:
+        return partial(send, encode(batch.body()))
 
     return prepare
 
 
 def _prepared_first(
-    ready: Future[Callable[[], Response]], prepare: Callable[[Json], Callable[[], Response]]
-) -> Callable[[Json], Callable[[], Response]]:
-    """`prepare` for `_deliver`, whose first call (the whole batch, `ready` was made from its
-    body) takes `ready`'s request, or raises what encoding it raised (the SDK's refusal);
-    later calls (the parts of a split) prepare their own."""
+    ready: Future[Callable[[], Response]], prepare: Callable[[B], Callable[[], Response]]
+) -> Callable[[B], Callable[[], Response]]:
+    """`prepare` for `_deliver`, whose first call (the whole batch, `ready` was made from it)
+    takes `ready`'s request, or raises what encoding it raised (the SDK's refusal); later calls
+    (the parts of a split) prepare their own."""
     used = False
 
-    def first(body: Json) -> Callable[[], Response]:
+    def first(batch: B) -> Callable[[], Response]:
         nonlocal used
         if used:
-            return prepare(body)
+            return prepare(batch)
         used = True
         return ready.result()
 
