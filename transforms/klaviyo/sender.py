@@ -213,10 +213,14 @@ class KlaviyoSender:
         self._max_bytes = max_request_bytes
         self._successes: Counter[Endpoint] = Counter()
 
-    def send_events(self, calls: Sequence[PlannedCall], *, deadline: float) -> list[Outcome]:
-        """Send `create_event` calls with bulk requests; one outcome per call, in order."""
+    def send_events(self, calls: Sequence[PlannedCall], *, deadline: float,
+                    planned: Callable[[], object] | None = None) -> list[Outcome]:
+        """Send `create_event` calls with bulk requests; one outcome per call, in order.
+        `planned` is called once the requests are planned, before the first is sent."""
         bodies = [_body(call, CREATE_EVENT) for call in calls]
         plan = plan_event_batches(bodies, self._max_events, self._max_bytes)
+        if planned is not None:
+            planned()
         outcomes: dict[int, Outcome] = {}
         client = self._client
         prepare = _prepare(client.encode_bulk_events, client.bulk_create_events)
