@@ -390,10 +390,11 @@ def test_a_refused_event_in_a_later_request_is_isolated_too(
 
 class OverlapClient:
     """A client whose bulk events request waits (up to 10 s) for the next request to be
-    encoded, and records what happened in which order."""
+    encoded, if `batches` has one, and records what happened in which order."""
 
-    def __init__(self) -> None:
+    def __init__(self, batches: int) -> None:
         self.log: list[tuple[str, int, str]] = []
+        self._batches = batches  # a request waits for the next one's encoding, if there is one
         self._encoded: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -412,13 +413,29 @@ class OverlapClient:
     def bulk_create_events(self, body: Encoded) -> Response:
         batch = int(body.payload)
         self.log.append(("send", batch, threading.current_thread().name))
-        self._event(batch + 1).wait(timeout=10)
+        if batch + 1 < self._batches:
+            self._event(batch + 1).wait(timeout=10)
         self.log.append(("answered", batch, threading.current_thread().name))
         return Response(202, {})
 
 
+def test_nothing_is_planned_or_encoded_when_no_request_can_go_before_the_deadline() -> None:
+    client = OverlapClient(batches=1)
+    clock = FakeTime()
+    limiter = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 1)}, clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=2)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(2)]
+    assert sender.send_events(calls, deadline=clock() + 5) == [Delivered()] * 2  # the minute's one
+
+    outcomes = sender.send_events(calls, deadline=clock() + 5)
+
+    assert outcomes == [Pending(None)] * 2
+    assert [what for what, _, _ in client.log] == ["encode", "send", "answered"]
+
+
 def test_the_next_request_is_encoded_while_one_is_in_flight() -> None:
-    client = OverlapClient()
+    client = OverlapClient(batches=3)
     sender = KlaviyoSender(client, RateLimiter(), Retrier(RetryPolicy()),  # type: ignore[arg-type]
                            max_events_per_request=2)
     calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(6)]

@@ -217,6 +217,11 @@ class KlaviyoSender:
                     planned: Callable[[], object] | None = None) -> list[Outcome]:
         """Send `create_event` calls with bulk requests; one outcome per call, in order.
         `planned` is called once the requests are planned, before the first is sent."""
+        if self._clock() + self._limiter.available_in(Endpoint.BULK_EVENTS) > deadline:
+            # No request could be granted before the deadline: all Pending, as they would end,
+            # without planning and encoding a request that cannot go (a batch job's last flush
+            # asks again every second while its keys wait for the next minute).
+            return [Pending(None) for _ in calls]
         bodies = [_body(call, CREATE_EVENT) for call in calls]
         plan = plan_event_batches(bodies, self._max_events, self._max_bytes)
         if planned is not None:
