@@ -10,6 +10,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from tests.klaviyo_server import (
     Fault,
     KlaviyoTestServer,
 )
-from transforms.klaviyo.client import KlaviyoClient
+from transforms.klaviyo.client import Encoded, KlaviyoClient, Response
 from transforms.klaviyo.errors import ErrorKind, KlaviyoConfigurationError
 from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
@@ -367,6 +368,89 @@ def test_an_event_the_sdk_refuses_is_isolated_too(klaviyo_server: KlaviyoTestSer
     assert refused.failure.label == "invalid_request"
     assert klaviyo_server.statuses(BULK_EVENTS) == [202]  # the bad body never left the process
     assert sorted(klaviyo_server.stored_unique_ids(), key=str) == ["evt-0", "evt-2", "evt-3"]
+
+
+def test_a_refused_event_in_a_later_request_is_isolated_too(
+    klaviyo_server: KlaviyoTestServer,
+) -> None:
+    """The second and third requests are encoded ahead, on the helper thread: a refusal there
+    is isolated as in the first."""
+    calls = many_events(6, profiles=6)
+    calls[3] = event_call("evt-3", email="p3@example.com", value="9.99")  # must be a number
+
+    outcomes = make_sender(klaviyo_server, max_events_per_request=2).send_events(
+        calls, deadline=soon())
+
+    assert [type(outcome) for outcome in outcomes] == [Delivered] * 3 + [DeadLetter] + \
+        [Delivered] * 2
+    assert [entry.events for entry in klaviyo_server.log] == [2, 1, 2]
+    assert sorted(klaviyo_server.stored_unique_ids(), key=str) == [
+        "evt-0", "evt-1", "evt-2", "evt-4", "evt-5"]
+
+
+class OverlapClient:
+    """A client whose bulk events request waits (up to 10 s) for the next request to be
+    encoded, if `batches` has one, and records what happened in which order."""
+
+    def __init__(self, batches: int) -> None:
+        self.log: list[tuple[str, int, str]] = []
+        self._batches = batches  # a request waits for the next one's encoding, if there is one
+        self._encoded: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def _event(self, batch: int) -> threading.Event:
+        with self._lock:
+            return self._encoded.setdefault(batch, threading.Event())
+
+    def encode_bulk_events(self, body: Mapping[str, Any]) -> Encoded:
+        entries = body["data"]["attributes"]["events-bulk-create"]["data"]
+        first = entries[0]["attributes"]["events"]["data"][0]["attributes"]["unique_id"]
+        batch = int(first.removeprefix("evt-")) // 2
+        self.log.append(("encode", batch, threading.current_thread().name))
+        self._event(batch).set()
+        return Encoded(str(batch).encode())
+
+    def bulk_create_events(self, body: Encoded) -> Response:
+        batch = int(body.payload)
+        self.log.append(("send", batch, threading.current_thread().name))
+        if batch + 1 < self._batches:
+            self._event(batch + 1).wait(timeout=10)
+        self.log.append(("answered", batch, threading.current_thread().name))
+        return Response(202, {})
+
+
+def test_nothing_is_planned_or_encoded_when_no_request_can_go_before_the_deadline() -> None:
+    client = OverlapClient(batches=1)
+    clock = FakeTime()
+    limiter = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 1)}, clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=2)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(2)]
+    assert sender.send_events(calls, deadline=clock() + 5) == [Delivered()] * 2  # the minute's one
+
+    outcomes = sender.send_events(calls, deadline=clock() + 5)
+
+    assert outcomes == [Pending(None)] * 2
+    assert [what for what, _, _ in client.log] == ["encode", "send", "answered"]
+
+
+def test_the_next_request_is_encoded_while_one_is_in_flight() -> None:
+    client = OverlapClient(batches=3)
+    sender = KlaviyoSender(client, RateLimiter(), Retrier(RetryPolicy()),  # type: ignore[arg-type]
+                           max_events_per_request=2)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(6)]
+
+    outcomes = sender.send_events(calls, deadline=soon())
+
+    assert outcomes == [Delivered()] * 6
+    steps = [(what, batch) for what, batch, _ in client.log]
+    # Requests in order, one at a time; each next one encoded before the one in flight ends.
+    assert [step for step in steps if step[0] != "encode"] == [
+        ("send", 0), ("answered", 0), ("send", 1), ("answered", 1), ("send", 2), ("answered", 2)]
+    for batch in (1, 2):
+        assert steps.index(("encode", batch)) < steps.index(("answered", batch - 1))
+    assert [name.startswith("sink-encode") for what, batch, name in client.log
+            if what == "encode" and batch > 0] == [True, True]
 
 
 def test_a_repeat_of_a_dead_lettered_event_shares_its_fate(

@@ -253,8 +253,10 @@ class Flush:
 
     def __init__(self, sender: KlaviyoSender, settings: SinkSettings, tally: Tally, *,
                  now: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 planned: Callable[[], object] | None = None) -> None:
         self._sender = sender
+        self._planned = planned  # called once a send of events is planned (the sender's hook)
         self._settings = settings
         self._tally = tally
         self._now = now
@@ -395,7 +397,8 @@ class Flush:
             self._first_attempt(task, "event")
         soonest = min(float(t.event_first_s or 0.0) for t in ready)
         outcomes = self._sender.send_events([_planned(t.event) for t in ready],
-                                            deadline=self._deadline(soonest, deadline))
+                                            deadline=self._deadline(soonest, deadline),
+                                            planned=self._planned)
         for task, outcome in zip(ready, outcomes, strict=True):
             assert task.event is not None
             if isinstance(outcome, Delivered):
@@ -580,16 +583,26 @@ class _SendFlushes(beam.DoFn):
         work.clear()
         memory.clear()
         sender, tally, limiter = self._sender(key, pacing)
-        flush = Flush(sender, self._settings, tally)
         if self._pool is None:
+            flush = Flush(sender, self._settings, tally)
             flush.run_to_end(*_decoded(taken))
             pacing.write(limiter.snapshot())
             tally.report()
             yield from flush.dead
             return
 
+        # The end of a batch job: the decoded calls of every key and their planned requests
+        # (millions of objects for a large backfill) live until their flush ends, and building
+        # them sets off full cyclic collections that walk them all and find nothing (measured:
+        # 21 of 0.1-1.5 s in a 172,500-event job, stalling every shard). Frozen once decoded
+        # and once planned, they are skipped; refcounting still frees them. (Not in streaming:
+        # there a flush holds at most a batch, and frozen cycles would never be collected.)
+        flush = Flush(sender, self._settings, tally, planned=gc.freeze)
+
         def run() -> list[DeadLetterRecord]:
-            flush.run_to_end(*_decoded(taken))
+            decoded = _decoded(taken)
+            gc.freeze()
+            flush.run_to_end(*decoded)
             return flush.dead
         self._running.append((self._pool.submit(run), tally))
 

@@ -28,13 +28,18 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
+import orjson
+
+from transforms.klaviyo.wire import dumps
+
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_PROFILES_PER_REQUEST = 10_000
 MAX_REQUEST_BYTES = 5_000_000
 
-# The SDK re-serializes what we give it: longer timestamps (`.123000+00:00`), `backfill: false`
-# on every event and entry, and the entry wrapper. Our own json.dumps size plus this much per item
-# stays above what goes on the wire.
+# The SDK's model re-writes what we give it: longer timestamps (`.123000+00:00`), `backfill:
+# false` on every event and entry, and the entry wrapper. The size of the parts written as the
+# wire writes them (`wire.dumps`: compact UTF-8) plus this much per item stays above what goes on
+# the wire (tests/test_klaviyo_wire.py checks it on every conformance request).
 _SDK_GROWTH_PER_ITEM = 160
 _REQUEST_OVERHEAD = 256
 
@@ -77,11 +82,11 @@ class EventBatch:
     entries: tuple[tuple[Json, tuple[Item, ...]], ...]
 
     @classmethod
-    def of(cls, items: Sequence[Item], profile_keys: Mapping[int, str] | None = None
+    def of(cls, items: Sequence[Item], profile_keys: Mapping[int, bytes] | None = None
            ) -> EventBatch:
         """Group create_event attribute dicts (each with its `profile`) by profile;
         `profile_keys` gives the canonical profile of an index when it is already known."""
-        grouped: dict[str, tuple[Json, list[Item]]] = {}
+        grouped: dict[bytes, tuple[Json, list[Item]]] = {}
         for index, attributes in items:
             profile = attributes["profile"]
             event = {key: value for key, value in attributes.items() if key != "profile"}
@@ -232,10 +237,10 @@ def plan_event_batches(
     A repeat is the same (profile, metric, unique_id) as an earlier call anywhere in the list:
     Klaviyo would keep only the first, and inside one request it would reject them all.
     """
-    first_seen: dict[tuple[str, str, str], int] = {}
+    first_seen: dict[tuple[bytes, str, str], int] = {}
     duplicates: dict[int, int] = {}
     items: list[Item] = []
-    profile_keys: dict[int, str] = {}
+    profile_keys: dict[int, bytes] = {}
     for index, body in enumerate(create_event_bodies):
         attributes = body["data"]["attributes"]
         profile_keys[index] = profile_key = _canonical(attributes["profile"])
@@ -265,14 +270,13 @@ def plan_profile_batches(
 def _chunks(items: Sequence[Item], max_count: int, max_bytes: int) -> list[list[Item]]:
     """Consecutive runs of at most `max_count` items whose estimated wire size is < `max_bytes`.
 
-    A run of `max_count` is measured as a whole first (one `json.dumps` instead of one per item:
+    A run of `max_count` is measured as a whole first (one `dumps` instead of one per item:
     nearly every run is far below the limit); only a run too large is split item by item.
     """
     chunks: list[list[Item]] = []
     for start in range(0, len(items), max_count):
         run = list(items[start : start + max_count])
-        whole = len(json.dumps([part for _, part in run])) + _SDK_GROWTH_PER_ITEM * len(run)
-        if _REQUEST_OVERHEAD + whole < max_bytes:
+        if estimated_bytes([part for _, part in run]) < max_bytes:
             chunks.append(run)
         else:
             chunks += _chunks_by_size(run, max_bytes)
@@ -286,7 +290,7 @@ def _chunks_by_size(items: Sequence[Item], max_bytes: int) -> list[list[Item]]:
     current: list[Item] = []
     current_bytes = _REQUEST_OVERHEAD
     for item in items:
-        item_bytes = len(json.dumps(item[1])) + _SDK_GROWTH_PER_ITEM
+        item_bytes = len(dumps(item[1])) + _SDK_GROWTH_PER_ITEM
         if current and current_bytes + item_bytes >= max_bytes:
             chunks.append(current)
             current, current_bytes = [], _REQUEST_OVERHEAD
@@ -306,5 +310,19 @@ def _identifiers(profile: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in found.items() if value is not None}
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def estimated_bytes(parts: Sequence[Json]) -> int:
+    """An upper bound of the wire size of one request carrying `parts` (create_event attributes
+    with their profile, or profile resource objects), as `_chunks` estimates it. The size of
+    the items one by one (`_chunks_by_size`) adds up to at least as much."""
+    return _REQUEST_OVERHEAD + len(dumps(parts)) + _SDK_GROWTH_PER_ITEM * len(parts)
+
+
+def _canonical(value: Any) -> bytes:
+    """The same text for the same JSON value whatever its key order (profiles are grouped by
+    it). orjson, or `json.dumps` for what orjson refuses (lone surrogates, huge integers): a
+    value always takes the same way, and both texts parse back to their value, so two values
+    share a text only if they are equal."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()

@@ -18,20 +18,26 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
   ApiClient turns them back into a dict through each nested model's `to_dict` and a recursive
   sanitizer, about 0.2 s of CPU for 1,000 events (more than Klaviyo's whole request budget at
   2.5 requests/s on one core). For the bulk endpoints the body is instead validated once by the
-  SDK's own model (`encode_*`: pydantic-core, a few ms) and written as the SDK would write it
-  (the model's dump by alias without unset values, dates as `isoformat()`, `json.dumps`);
-  tests/test_klaviyo_wire.py proves the bytes equal the SDK's for every conformance body. The
-  request itself still goes through the SDK: its serializer for the endpoint (path, Accept and
-  Content-Type), its ApiClient (base URL, `Authorization`, the `revision` header), its REST
-  client and its response handling; only the body arrives encoded (`Encoded`). The encoded
-  bytes are reused by every retry of the request.
+  SDK's own model (`encode_*`: pydantic-core, a few ms) and its dump is written as the same
+  JSON the SDK would send (the model's dump by alias without unset values, dates as
+  `isoformat()`), as compact UTF-8 by orjson instead of the SDK's `json.dumps` (ASCII escapes
+  and spaces): the same JSON value, fewer bytes, a sixth of the CPU. What orjson refuses (lone
+  surrogates, integers beyond 64 bits, non-string keys) is written by `json.dumps` as the SDK
+  would escape it, without the spaces. tests/test_klaviyo_wire.py proves, for every conformance
+  body, that the body parses to the same JSON value (types included) as the SDK's. The one
+  difference is a non-finite float, which is not JSON: the SDK would write `NaN`, orjson writes
+  `null`; the planner never produces one (mapping drops NaN, infinite numbers become null as in
+  JavaScript). The request itself still goes through the SDK: its serializer for the endpoint
+  (path, Accept and Content-Type), its ApiClient (base URL, `Authorization`, the `revision`
+  header), its REST client and its response handling; only the body arrives encoded
+  (`Encoded`). The encoded bytes are reused by every retry of the request.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-from collections.abc import Callable, Mapping
+import gc
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -48,6 +54,7 @@ from pydantic import BaseModel, ValidationError
 from urllib3.util import Retry
 
 from transforms.klaviyo.errors import CALL_EXCEPTIONS, KlaviyoCallError, classify
+from transforms.klaviyo.wire import dumps
 
 IMPORT_ERRORS_PAGE_SIZE = 100  # the API's maximum
 
@@ -68,28 +75,45 @@ class Response:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A request body the SDK's model has validated, as the bytes the SDK would send for it."""
+    """A request body the SDK's model has validated, as compact UTF-8 JSON bytes: the same JSON
+    value the SDK would send for it."""
 
     payload: bytes
 
 
 def encode(model: type[BaseModel], body: Mapping[str, Any]) -> Encoded:
-    """Validate `body` with the SDK's model once and write it as the SDK's ApiClient would:
+    """Validate `body` with the SDK's model once and write the JSON the SDK's ApiClient would:
     `json.dumps(sanitize_for_serialization(model))` is the model's dump by alias without None
-    (to_dict), with dates as isoformat (sanitize_for_serialization). Raises `KlaviyoCallError`
-    with the classified validation failure, as the SDK's own method would raise it."""
+    (to_dict), with dates as isoformat (sanitize_for_serialization). Written by `wire.dumps`
+    (compact UTF-8). Raises `KlaviyoCallError` with the classified validation failure, as the
+    SDK's own method would raise it."""
+    with _cyclic_gc_paused():
+        try:
+            validated = model.model_validate(body)
+        except ValidationError as exc:
+            raise KlaviyoCallError(classify(exc)) from None
+        return Encoded(dumps(validated.model_dump(by_alias=True, exclude_none=True)))
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a body is validated, dumped and written.
+
+    The models and the dump of 1,000 events are some 15,000 objects that live for a few ms and
+    hold no cycles: refcounting frees them all when `encode` returns. Allocated with collections
+    on, they set off a dozen young collections each, which promote them, and so full collections
+    that walk every object the process holds (a flush's planned calls: a million at the end of
+    a large backfill). Measured: 10 ms median, 20 ms mean per body with 500,000 live objects,
+    against 9 and 10 with collections paused. Threads may overlap: only the one that found
+    collections on turns them back on, so they end on whatever the others do."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
     try:
-        validated = model.model_validate(body)
-    except ValidationError as exc:
-        raise KlaviyoCallError(classify(exc)) from None
-    dumped = validated.model_dump(by_alias=True, exclude_none=True)
-    return Encoded(json.dumps(dumped, default=_isoformat).encode())
-
-
-def _isoformat(value: Any) -> str:
-    if isinstance(value, datetime.date):  # datetime too
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__}")
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 class _RESTClient(RESTClientObject):

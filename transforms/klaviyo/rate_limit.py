@@ -208,6 +208,15 @@ class RateLimiter:
                 return None
             self._sleep(wait)
 
+    def available_in(self, endpoint: Endpoint) -> float:
+        """Seconds until `acquire` could grant a request to `endpoint` (0: now); counts
+        nothing."""
+        state = self._endpoints[endpoint]
+        with state.lock:
+            now = self._clock()
+            return max(0.0, state.paused_until - now,
+                       *(window.wait(now, state.factor) for window in state.windows))
+
     def budget(self, endpoint: Endpoint) -> tuple[float, float]:
         """(requests per real minute this limiter may grant, the share of it in use now: below
         1 while it backs off after repeated 429s); the sender reports both as gauges."""

@@ -1,8 +1,14 @@
-"""Klaviyo wire-format helpers: times as the walkerOS reference writes them, and method names."""
+"""Klaviyo wire-format helpers: times as the walkerOS reference writes them, method names, and
+the JSON writer of request bodies."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+from typing import Any
+
+import orjson
 
 CREATE_EVENT = "create_event"
 CREATE_OR_UPDATE_PROFILE = "create_or_update_profile"
@@ -60,3 +66,23 @@ def _date_text(days: int) -> str:
         _DATES.clear()
     _DATES[days] = text
     return text
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes, dates and datetimes as their `isoformat()` (as the SDK's
+    sanitizer writes them; orjson's own datetime format is not used).
+
+    orjson, unless the value holds what it refuses (a lone surrogate, an integer beyond 64 bits,
+    a key that is not a string): those are written by `json.dumps` as the SDK writes them (ASCII
+    escapes, keys as strings), without the spaces. Used for the planner's size estimate too
+    (bulk.py), so that it measures what goes on the wire (client.py)."""
+    try:
+        return orjson.dumps(value, default=_isoformat, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, default=_isoformat, separators=(",", ":")).encode()
+
+
+def _isoformat(value: Any) -> str:
+    if isinstance(value, datetime.date):  # datetime too
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
