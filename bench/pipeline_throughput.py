@@ -17,12 +17,13 @@ figure is the rate between the first and the last bulk-events request the server
 server's clock is the measure, in Klaviyo minutes. Events are product views of 2,000 users, so
 that bulk events are all the job sends. CPU time of the job's process is printed too.
 
-Reading the figure: 20,000 events are only ~24 requests. At `--scale 10` the ceiling is 25
-requests a second from one process, which also runs parse, plan and the test server's client
-side; on a small shared machine the job is CPU-bound well below it (measured here on 2 cores
-shared with other work: medians of 29–42 %, single runs 28–48 %). At `--scale 1` so short a job
-fits in Klaviyo's burst allowance (10 a second) and the figure exceeds 100 %. Concurrency itself
-shows in the server's log: the shards' requests overlap.
+Reading the figure: 20,000 events are only ~24 requests, so one request early or late moves it
+by several points. At `--scale 10` the ceiling is 25 requests a second from one process, about
+30 ms of CPU each (decoding, planning, validating and encoding, HTTP): close to all of one core,
+so on a small shared machine a run is at the machine's limit (README: Benchmarks has the
+figures). At `--scale 1` so short a job fits in Klaviyo's burst allowance (10 a second) and the
+figure exceeds 100 %. Concurrency itself shows in the server's log: the shards' requests
+overlap.
 
 `--minutes M` measures the sink through the pipeline at any scale, real limits included
 (issue 12: ≥ 95 % at `--scale 1`, ≥ 90 % at `--scale 4`), the way bench/sink_throughput.py

@@ -18,7 +18,7 @@ by bench/pipeline_throughput.py.
 
 Measuring honestly:
 - The server runs in its own process: it parses and validates every body like Klaviyo
-  (≈0.08 s of CPU per 1000-event request), and in the benchmark's process it would compete for
+  (≈11 ms of CPU per 1000-event request), and in the benchmark's process it would compete for
   the GIL with the SDK.
 - A 1000-event request costs about 20-25 ms of CPU in the delivery layer (bench/sdk_request_cost.py:
   one validation by the SDK's model, our encoding of it), so the ceiling of 2.5·s requests per
