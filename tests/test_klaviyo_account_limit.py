@@ -46,12 +46,14 @@ def event(unique_id: str, email: str) -> tuple[str, dict[str, object]]:
     return "create_event", {"data": {"type": "event", "attributes": attributes}}
 
 
-def shard_key(url: str, api_key: str, shard: int, share: float, seconds: float, start: Event,
+def shard_key(url: str, api_key: str, shard: int, share: float, seconds: float,
+              ready: multiprocessing.Queue[int], start: Event,
               results: multiprocessing.Queue[tuple[int, int]]) -> None:
     """One sink key in its own process: send full batches for `seconds` after `start`."""
     limiter = RateLimiter({Endpoint.BULK_EVENTS: LIMIT}, scale=SCALE, share=share)
     retrier = Retrier(RetryPolicy(first_backoff_seconds=0.02, max_backoff_seconds=0.1))
     sender = KlaviyoSender(KlaviyoClient(api_key, test_host=url), limiter, retrier)
+    ready.put(shard)
     start.wait()
     stop = time.monotonic() + seconds
     sent = delivered = 0
@@ -65,22 +67,26 @@ def shard_key(url: str, api_key: str, shard: int, share: float, seconds: float, 
 
 
 def run_keys(share: float, seconds: float) -> tuple[KlaviyoTestServer, list[tuple[int, int]]]:
-    """SHARDS keys, each in its own process, sending for `seconds` at once to one server."""
+    """SHARDS keys, each in its own process, sending for `seconds` at once to one server.
+
+    They start together once every one has imported and built its sender (a spawned process
+    imports the job's modules first: seconds on a busy machine). A key that started late would
+    also stop late, and the windows where only some keys send would count as under-used."""
     context = multiprocessing.get_context("spawn")
+    ready: multiprocessing.Queue[int] = context.Queue()
     start = context.Event()
     results: multiprocessing.Queue[tuple[int, int]] = context.Queue()
     server = KlaviyoTestServer(time_scale=SCALE).start()
     server.rate_limits[BULK_EVENTS] = (int(LIMIT.burst_per_second),
                                        int(LIMIT.steady_per_minute))
     processes = [context.Process(target=shard_key,
-                                 args=(server.url, server.api_key, shard, share, seconds, start,
-                                       results))
+                                 args=(server.url, server.api_key, shard, share, seconds, ready,
+                                       start, results))
                  for shard in range(SHARDS)]
     for process in processes:
         process.start()
-    time.sleep(0.5)
-    while not all(process.is_alive() for process in processes):
-        time.sleep(0.1)
+    for _ in processes:
+        ready.get(timeout=120)
     start.set()
     totals = [results.get(timeout=120) for _ in processes]
     for process in processes:
