@@ -22,13 +22,10 @@ caused by one payload: `halves` splits a request so the sender can bisect down t
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
-
-import orjson
 
 from transforms.klaviyo.wire import dumps
 
@@ -319,10 +316,7 @@ def estimated_bytes(parts: Sequence[Json]) -> int:
 
 def _canonical(value: Any) -> bytes:
     """The same text for the same JSON value whatever its key order (profiles are grouped by
-    it). orjson, or `json.dumps` for what orjson refuses (lone surrogates, huge integers): a
-    value always takes the same way, and both texts parse back to their value, so two values
-    share a text only if they are equal."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    it): the wire writer with sorted keys. A value always takes the same way through it (orjson,
+    or `json.dumps` for what orjson refuses), and both texts parse back to their value, so two
+    values share a text only if they are equal."""
+    return dumps(value, sort_keys=True)

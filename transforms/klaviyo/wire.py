@@ -68,18 +68,21 @@ def _date_text(days: int) -> str:
     return text
 
 
-def dumps(value: Any) -> bytes:
+def dumps(value: Any, *, sort_keys: bool = False) -> bytes:
     """Compact JSON as UTF-8 bytes, dates and datetimes as their `isoformat()` (as the SDK's
-    sanitizer writes them; orjson's own datetime format is not used).
+    sanitizer writes them; orjson's own datetime format is not used); `sort_keys` for a text
+    that is the same whatever the key order (bulk.py groups profiles by it).
 
     orjson, unless the value holds what it refuses (a lone surrogate, an integer beyond 64 bits,
     a key that is not a string): those are written by `json.dumps` as the SDK writes them (ASCII
     escapes, keys as strings), without the spaces. Used for the planner's size estimate too
     (bulk.py), so that it measures what goes on the wire (client.py)."""
+    option = orjson.OPT_PASSTHROUGH_DATETIME | (orjson.OPT_SORT_KEYS if sort_keys else 0)
     try:
-        return orjson.dumps(value, default=_isoformat, option=orjson.OPT_PASSTHROUGH_DATETIME)
+        return orjson.dumps(value, default=_isoformat, option=option)
     except TypeError:  # orjson.JSONEncodeError
-        return json.dumps(value, default=_isoformat, separators=(",", ":")).encode()
+        return json.dumps(value, default=_isoformat, separators=(",", ":"),
+                          sort_keys=sort_keys).encode()
 
 
 def _isoformat(value: Any) -> str:
