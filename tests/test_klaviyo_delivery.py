@@ -453,6 +453,43 @@ def test_the_next_request_is_encoded_while_one_is_in_flight() -> None:
             if what == "encode" and batch > 0] == [True, True]
 
 
+class SlowRoadClient:
+    """A client on a fake clock whose requests spend a while on their way to Klaviyo, a
+    different while each time (a busy CPU, the network), before they arrive and are counted."""
+
+    def __init__(self, clock: FakeTime, delays: list[float]) -> None:
+        self.clock = clock
+        self.delays = delays
+        self.arrivals: list[float] = []
+
+    def encode_bulk_events(self, body: Mapping[str, Any]) -> Encoded:
+        return Encoded(b"{}")
+
+    def bulk_create_events(self, body: Encoded) -> Response:
+        self.clock.sleep(self.delays[len(self.arrivals) % len(self.delays)])
+        self.arrivals.append(self.clock.now)
+        return Response(202, {})
+
+
+def test_requests_slow_to_arrive_still_keep_every_window_of_klaviyos() -> None:
+    """The limiter counts a request until its answer: a request that took long to arrive must
+    not land in the same fixed window of Klaviyo's as the next one, sent on time."""
+    clock = FakeTime()
+    client = SlowRoadClient(clock, delays=[0.0, 0.995, 0.0, 0.3, 0.999, 0.1])
+    limiter = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 20)}, clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=1)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(60)]
+
+    outcomes = sender.send_events(calls, deadline=clock() + 600)
+
+    assert outcomes == [Delivered()] * 60
+    per_second = Counter(int(arrival) for arrival in client.arrivals)
+    per_minute = Counter(int(arrival // 60) for arrival in client.arrivals)
+    assert max(per_second.values()) == 1, sorted(per_second.items())
+    assert max(per_minute.values()) <= 20, sorted(per_minute.items())
+
+
 def test_a_repeat_of_a_dead_lettered_event_shares_its_fate(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:

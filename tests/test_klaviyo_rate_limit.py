@@ -8,7 +8,7 @@ import pytest
 
 from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter, max_keys
 
-M = 1.01  # the limiter holds each window 1 % longer (requests take time to reach Klaviyo)
+M = 1.01  # the limiter holds each window 1 % longer (workers' clocks differ a little)
 
 
 class FakeClock:
@@ -205,6 +205,20 @@ def test_threads_sharing_a_limiter_never_exceed_it() -> None:
     assert len(granted) == 200
     assert most_in_any_window(granted, 1.0) <= 10
     assert most_in_any_window(granted, 60.0) <= 150
+
+
+def test_a_request_counts_until_its_answer() -> None:
+    """Klaviyo counts a request when it arrives, at the latest when it answers: the limiter
+    counts it from its answer on, so the next one waits a full window after that."""
+    clock = FakeClock()
+    rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(1, 60)})
+    clock.sleep(0.5)
+    granted_at = rate_limiter.acquire(Endpoint.BULK_EVENTS)
+    clock.sleep(0.7)  # on its way, and answered at 1.2
+
+    rate_limiter.answered(Endpoint.BULK_EVENTS, granted_at)
+
+    assert rate_limiter.acquire(Endpoint.BULK_EVENTS) == pytest.approx(1.2 + M)
 
 
 def test_rejects_nonsense_settings() -> None:

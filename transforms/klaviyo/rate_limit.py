@@ -5,10 +5,16 @@ window of one minute, per endpoint family. Staying under both is cheaper than co
 every request first calls `RateLimiter.acquire(endpoint, deadline=...)`.
 
 Each window is enforced as a sliding window ("at most n requests in any `seconds`-long span"),
-which implies at most n in every fixed window Klaviyo may use, whatever its alignment. The span
-is held 1 % longer than the window: the limiter counts a request when it grants it, Klaviyo when
-it arrives, and a request delayed on its way (CPU, network) must not land in the next window
-beside the ones granted a full window after it.
+which implies at most n in every fixed window Klaviyo may use, whatever its alignment. Klaviyo
+counts a request when it arrives, which is some time after the grant (the SDK's work, a busy
+CPU, the network) and at the latest when the answer comes. So a request counts from its grant
+until its answer, and from then on at the time of its answer (`answered`): the next request of
+a key waits a full window after that, and a request that was slow on its way cannot land in
+the same window of Klaviyo's as the one after it, however long it took. (This holds for
+requests sent one after another, as a key sends them; threads sharing a limiter may have
+requests in flight together, which count at their grants until answered.) The span is held
+1 % longer than the window: a key's grants travel between processes as wall-clock time, and
+two workers' clocks differ by a few milliseconds.
 
 Knobs:
 - `limits`: per-endpoint overrides of Klaviyo's published limits.
@@ -34,19 +40,18 @@ workers).
 `acquire` never waits past the caller's `deadline`: a request that could not be granted by then
 is not counted and the caller keeps it for later, so no flush sleeps for minutes.
 
-Every 429 pauses the endpoint for Retry-After. A lone 429 is expected now and then even when
-every limit is kept: the limiter counts a request when it grants it, Klaviyo when it arrives, and
-the SDK's validation and serialization in between take from 0.1 s to over a second when threads
-compete for the CPU, so a fixed window of Klaviyo's can catch one request too many. Such a 429
-costs only the pause: that window was full anyway. When 429s keep coming (another client shares
-the account, or a share is set too high) the limiter also halves its rate, and each success
-wins back a little. "Keep coming" means a 429 for a request granted after an earlier 429 that is
-less than a steady window old. The 429s of requests that were in flight together count once:
-otherwise four threads meeting one full window would cut the rate to a sixteenth.
+Every 429 pauses the endpoint for Retry-After. With every key within its share, Klaviyo has no
+reason to send one; one comes when another client shares the account, or a share is set too
+high. A lone 429 costs only the pause: that window was full anyway. When 429s keep coming the
+limiter also halves its rate, and each success wins back a little. "Keep coming" means a 429
+for a request granted after an earlier 429 that is less than a steady window old. The 429s of
+requests that were in flight together count once: otherwise four threads meeting one full
+window would cut the rate to a sixteenth.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import threading
@@ -82,7 +87,7 @@ PUBLISHED_LIMITS: Mapping[Endpoint, Limit] = {
     Endpoint.IMPORT_JOBS: Limit(10, 150),
 }
 
-_ARRIVAL_MARGIN = 1.01  # spans held this much longer than Klaviyo's windows (module docstring)
+_CLOCK_MARGIN = 1.01  # spans held this much longer than Klaviyo's windows (module docstring)
 _SLOWEST_FACTOR = 1 / 16  # never slow down below this share of the configured rate
 _RECOVERY_STEP = 1 / 32  # rate share won back per successful request
 
@@ -104,6 +109,14 @@ class _Window:
 
     def record(self, now: float) -> None:
         self._sent.append(now)
+
+    def answered(self, granted: float, now: float) -> None:
+        """The request granted at `granted` has its answer: it counts at `now` from now on."""
+        try:
+            self._sent.remove(granted)
+        except ValueError:  # pushed out by later grants of threads sharing the limiter
+            return
+        bisect.insort(self._sent, now)
 
     def recent(self, now: float) -> list[float]:
         """The grants still inside the window's span at `now`."""
@@ -134,8 +147,8 @@ class _EndpointLimiter:
     def __init__(self, limit: Limit, scale: float, share: float) -> None:
         self.lock = threading.Lock()
         self.windows = (
-            _Window(limit.burst_per_second * share, _ARRIVAL_MARGIN / scale),
-            _Window(limit.steady_per_minute * share, 60.0 * _ARRIVAL_MARGIN / scale),
+            _Window(limit.burst_per_second * share, _CLOCK_MARGIN / scale),
+            _Window(limit.steady_per_minute * share, 60.0 * _CLOCK_MARGIN / scale),
         )
         count, seconds = _whole_requests(limit.steady_per_minute * share, 60.0 / scale)
         self.allowed_per_minute = count * 60.0 / seconds  # real minutes, after rounding down
@@ -207,6 +220,16 @@ class RateLimiter:
             if deadline is not None and now + wait > deadline:
                 return None
             self._sleep(wait)
+
+    def answered(self, endpoint: Endpoint, granted_at: float) -> None:
+        """The request `acquire` granted at `granted_at` has its answer (any answer, or a
+        failure to get one): Klaviyo counted it by now, if at all, so it counts from now on
+        (module docstring)."""
+        state = self._endpoints[endpoint]
+        with state.lock:
+            now = self._clock()
+            for window in state.windows:
+                window.answered(granted_at, now)
 
     def available_in(self, endpoint: Endpoint) -> float:
         """Seconds until `acquire` could grant a request to `endpoint` (0: now); counts

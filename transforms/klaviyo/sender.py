@@ -473,6 +473,7 @@ class KlaviyoSender:
         try:
             result = request()
         except KlaviyoCallError as exc:
+            self._limiter.answered(endpoint, granted_at)
             failure = exc.failure
             self._count_request(endpoint, failure.label, started)
             if failure.status == 429:
@@ -485,6 +486,7 @@ class KlaviyoSender:
                     "scopes."
                 ) from None
             return failure
+        self._limiter.answered(endpoint, granted_at)
         self._count_request(endpoint, str(result.status), started)
         self._limiter.succeeded(endpoint)
         self._successes[endpoint] += 1
