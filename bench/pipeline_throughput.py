@@ -21,9 +21,14 @@ Reading the figure: 20,000 events are only ~24 requests, so one request early or
 by several points. At `--scale 10` the ceiling is 25 requests a second from one process, about
 30 ms of CPU each (decoding, planning, validating and encoding, HTTP): close to all of one core,
 so on a small shared machine a run is at the machine's limit (README: Benchmarks has the
-figures). At `--scale 1` so short a job fits in Klaviyo's burst allowance (10 a second) and the
-figure exceeds 100 %. Concurrency itself shows in the server's log: the shards' requests
-overlap.
+figures). A key's requests go one after another, and each counts against the key's burst
+window from its answer on (transforms/klaviyo/rate_limit.py): with 8 keys, each allowed one
+request per burst window (0.1 s here), a key sends at most one request every 0.3 s (0.2 s
+for the answer, then 0.1 s), so its three requests take at least 0.8 s of the 0.92 s that
+24 requests take at the ceiling; how late the last key starts (its decoding, planning and
+encoding share the CPU with the others') decides the rest. At `--scale 1` so short a job
+fits in Klaviyo's burst allowance (10 a second) and the figure exceeds 100 %. Concurrency
+itself shows in the server's log: the shards' requests overlap.
 
 `--minutes M` measures the sink through the pipeline at any scale, real limits included
 (issue 12: ≥ 95 % at `--scale 1`, ≥ 90 % at `--scale 4`), the way bench/sink_throughput.py
