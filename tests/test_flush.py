@@ -10,6 +10,7 @@ from transforms.elements import (
     PlannedEvent,
     decode_outgoing,
     decode_planned,
+    dumps,
     encode_outgoing,
     encode_planned,
 )
@@ -142,15 +143,29 @@ def test_the_sink_element_round_trips_through_its_encoding() -> None:
     profile = Call(CREATE_OR_UPDATE_PROFILE, {"data": {"attributes": {"email": "a@x.org",
                                                                        "first_name": "\udc80"}}})
     event = Call(CREATE_EVENT, {"data": {"attributes": {"value": 1.0, "n": 2**70}}}, ("p",))
-    outgoing = OutgoingEvent(Envelope(b"\xff raw", {"k": "v"}, "m-1", 1.5), {"id": [1]}, "a",
-                             T, profile, True, event)
+    outgoing = OutgoingEvent(Envelope(b"\xff raw", {"k": "v"}, "m-1", 1.5, "user-7"),
+                             {"id": [1]}, "a", T, profile, True, event)
     assert decode_outgoing(encode_outgoing(outgoing)) == outgoing
     plain = OutgoingEvent(Envelope(b"{}"), "e", None, 0.0)
     assert decode_outgoing(encode_outgoing(plain)) == plain
 
 
+def test_a_sink_element_stored_before_the_ordering_key_was_kept_still_decodes() -> None:
+    """A job updated in place (`--update`) finds elements in its sink state, and in flight
+    through its shuffle, that an earlier version encoded without the Pub/Sub ordering key."""
+    old_row = [{"k": "v"}, "m-1", 1.5, "e-1", "a", T, None, False, [0, {"n": 1}, []]]
+    old = len(dumps(old_row)).to_bytes(4, "big") + dumps(old_row) + b"{}"
+    assert decode_outgoing(old) == OutgoingEvent(Envelope(b"{}", {"k": "v"}, "m-1", 1.5),
+                                                 "e-1", "a", T, None, False,
+                                                 Call(CREATE_EVENT, {"n": 1}))
+    old_planned = [{}, None, None, "e-1", None, None, T, None, None, []]
+    old = len(dumps(old_planned)).to_bytes(4, "big") + dumps(old_planned) + b"{}"
+    assert decode_planned(old) == PlannedEvent(Envelope(b"{}"),
+                                               EventPlan("e-1", None, None, T, None, None, []))
+
+
 def test_the_identify_states_input_round_trips_through_its_encoding() -> None:
     plan = EventPlan("e-1", None, "a@x.org", T, Call(CREATE_OR_UPDATE_PROFILE, {"n": 1.5}),
                      Call(CREATE_EVENT, {"s": "\udc80"}, ("too old",)), ["value dropped"])
-    planned = PlannedEvent(Envelope(b"\x00bytes", {"src": "web"}, None, None), plan)
+    planned = PlannedEvent(Envelope(b"\x00bytes", {"src": "web"}, None, None, "user-7"), plan)
     assert decode_planned(encode_planned(planned)) == planned

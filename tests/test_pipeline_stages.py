@@ -30,9 +30,11 @@ USER, USER2, USER3 = ({"id": f"u-{n}", "email": f"u{n}@example.org"} for n in (7
 PUBLISHED = datetime.datetime(2025, 11, 28, 10, 0, 0, 123_000, tzinfo=datetime.UTC)
 
 
-def _message(event: Any, message_id: str, **attributes: str) -> PubsubMessage:
+def _message(event: Any, message_id: str, ordering_key: str | None = None,
+             **attributes: str) -> PubsubMessage:
     data = event if isinstance(event, bytes) else json.dumps(event).encode("utf-8")
-    return PubsubMessage(data, attributes, message_id=message_id, publish_time=PUBLISHED)
+    return PubsubMessage(data, attributes, message_id=message_id, publish_time=PUBLISHED,
+                         ordering_key=ordering_key)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory
         # before 2000: Klaviyo would reject the event (D6); the upsert still goes
         _message({"name": "user login", "id": "e-2", "timestamp": 900_000_000_000,
                   "data": {"firstName": "Ana"}, "user": USER2,
-                  "consent": {"marketing": True}}, "m-2", src="web"),
+                  "consent": {"marketing": True}}, "m-2", "user-8", src="web"),
         _message({"name": "product add", "id": "e-3", "timestamp": 946_684_800_000,
                   "user": USER3, "consent": {"marketing": True}}, "m-3"),  # 2000-01-01: ok
         _message({"name": "product view", "id": "e-4", "user": USER, "consent": {}}, "m-4"),
@@ -90,6 +92,7 @@ def test_a_call_klaviyo_would_reject_is_a_dead_letter_the_rest_goes(run: Any) ->
     [letter] = [d for d in dead if d["stage"] == "preflight"]
     assert letter["event_id"] == "e-2" and letter["message_id"] == "m-2"
     assert letter["attributes"] == {"src": "web"}
+    assert letter["ordering_key"] == "user-8"  # kept through the identify state's shuffle
     assert letter["call"]["method"] == "create_event"
     assert "before 2000-01-01" in letter["reason"]
     assert json.loads(letter["payload"])["id"] == "e-2"

@@ -107,19 +107,33 @@ def _call_of(row: list[Any] | None) -> Call | None:
     return None if row is None else Call(_METHODS[row[0]], row[1], tuple(row[2]))
 
 
+# The rows below end with the envelope's ordering key, added after the rest: a row without it
+# was written by an earlier version (a job updated in place finds such rows in its sink state
+# and in flight through its shuffles) and decodes with no ordering key.
+_OUTGOING_FIELDS = 9
+_PLANNED_FIELDS = 10
+
+
+def _ordering_key(row: list[Any], fields: int) -> str | None:
+    return row[fields] if len(row) > fields else None
+
+
 def outgoing_row(outgoing: OutgoingEvent) -> list[Any]:
     """The event as a JSON-able row without its payload (which `encode_outgoing` adds raw)."""
     envelope = outgoing.envelope
     return [envelope.attributes, envelope.message_id, envelope.publish_time_ms,
             outgoing.event_id, outgoing.profile_key, outgoing.order_ms,
-            _call_row(outgoing.profile), outgoing.profile_changed, _call_row(outgoing.event)]
+            _call_row(outgoing.profile), outgoing.profile_changed, _call_row(outgoing.event),
+            envelope.ordering_key]
 
 
 def outgoing_of(row: list[Any], payload: bytes) -> OutgoingEvent:
     attributes, message_id, publish_time_ms, event_id, key, order_ms, profile, changed, \
-        event = row
-    return OutgoingEvent(Envelope(payload, attributes, message_id, publish_time_ms), event_id,
-                         key, order_ms, _call_of(profile), changed, _call_of(event))
+        event = row[:_OUTGOING_FIELDS]
+    envelope = Envelope(payload, attributes, message_id, publish_time_ms,
+                        _ordering_key(row, _OUTGOING_FIELDS))
+    return OutgoingEvent(envelope, event_id, key, order_ms, _call_of(profile), changed,
+                         _call_of(event))
 
 
 def _frame(row: list[Any], payload: bytes) -> bytes:
@@ -146,17 +160,19 @@ def encode_planned(planned: PlannedEvent) -> bytes:
     envelope, plan = planned.envelope, planned.plan
     return _frame([envelope.attributes, envelope.message_id, envelope.publish_time_ms,
                    plan.event_id, plan.skipped, plan.profile_key, plan.timestamp_ms,
-                   _call_row(plan.profile), _call_row(plan.event), plan.warnings],
+                   _call_row(plan.profile), _call_row(plan.event), plan.warnings,
+                   envelope.ordering_key],
                   envelope.payload)
 
 
 def decode_planned(data: bytes) -> PlannedEvent:
     row, payload = _unframe(data)
     attributes, message_id, publish_time_ms, event_id, skipped, key, timestamp_ms, profile, \
-        event, warnings = row
-    return PlannedEvent(Envelope(payload, attributes, message_id, publish_time_ms),
-                        EventPlan(event_id, skipped, key, timestamp_ms, _call_of(profile),
-                                  _call_of(event), warnings))
+        event, warnings = row[:_PLANNED_FIELDS]
+    envelope = Envelope(payload, attributes, message_id, publish_time_ms,
+                        _ordering_key(row, _PLANNED_FIELDS))
+    return PlannedEvent(envelope, EventPlan(event_id, skipped, key, timestamp_ms,
+                                            _call_of(profile), _call_of(event), warnings))
 
 
 def outgoing(planned: PlannedEvent, verdict: Verdict | None, order_ms: float) -> OutgoingEvent:
