@@ -68,6 +68,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.coders import OutgoingEventCoder  # noqa: F401 - registers the sink's coder
+from transforms.collector import cyclic_gc_paused
 from transforms.dead_letters import SINK, DeadLetterRecord
 from transforms.elements import (
     OutgoingEvent,
@@ -600,8 +601,9 @@ class _SendFlushes(beam.DoFn):
         flush = Flush(sender, self._settings, tally, planned=gc.freeze)
 
         def run() -> list[DeadLetterRecord]:
-            decoded = _decoded(taken)
-            gc.freeze()
+            with cyclic_gc_paused():  # no collection walks them before they are frozen
+                decoded = _decoded(taken)
+                gc.freeze()
             flush.run_to_end(*decoded)
             return flush.dead
         self._running.append((self._pool.submit(run), tally))

@@ -35,9 +35,7 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -53,6 +51,7 @@ from openapi_client.rest import RESTClientObject, RESTResponse
 from pydantic import BaseModel, ValidationError
 from urllib3.util import Retry
 
+from transforms.collector import cyclic_gc_paused
 from transforms.klaviyo.errors import CALL_EXCEPTIONS, KlaviyoCallError, classify
 from transforms.klaviyo.wire import dumps
 
@@ -87,33 +86,12 @@ def encode(model: type[BaseModel], body: Mapping[str, Any]) -> Encoded:
     (to_dict), with dates as isoformat (sanitize_for_serialization). Written by `wire.dumps`
     (compact UTF-8). Raises `KlaviyoCallError` with the classified validation failure, as the
     SDK's own method would raise it."""
-    with _cyclic_gc_paused():
+    with cyclic_gc_paused():  # the model and dump hold no cycles (collector.py)
         try:
             validated = model.model_validate(body)
         except ValidationError as exc:
             raise KlaviyoCallError(classify(exc)) from None
         return Encoded(dumps(validated.model_dump(by_alias=True, exclude_none=True)))
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a body is validated, dumped and written.
-
-    The models and the dump of 1,000 events are some 15,000 objects that live for a few ms and
-    hold no cycles: refcounting frees them all when `encode` returns. Allocated with collections
-    on, they set off a dozen young collections each, which promote them, and so full collections
-    that walk every object the process holds (a flush's planned calls: a million at the end of
-    a large backfill). Measured: 10 ms median, 20 ms mean per body with 500,000 live objects,
-    against 9 and 10 with collections paused. Threads may overlap: only the one that found
-    collections on turns them back on, so they end on whatever the others do."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
 
 
 class _RESTClient(RESTClientObject):
