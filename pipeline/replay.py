@@ -64,22 +64,32 @@ def replay_of(record: dict[str, Any]) -> Replay:
 
 def _with_planned_id_and_time(payload: bytes, record: dict[str, Any]) -> bytes:
     try:
-        event = json.loads(payload)
-    except ValueError:
+        event = json.loads(payload.decode("utf-8"))  # UTF-8 only, as the pipeline reads it
+    except ValueError:  # UnicodeDecodeError too
         return payload  # still not an event: replayed as it was
     if not isinstance(event, dict):
         return payload
-    changed = False
+    added: dict[str, Any] = {}
     if "id" not in event:
-        event["id"] = record.get("event_id") or fallback_event_id(event, record.get("message_id"))
-        changed = True
+        added["id"] = record.get("event_id") or fallback_event_id(event, record.get("message_id"))
     publish_time = _publish_time_ms(record)
     if not event.get("timestamp") and publish_time is not None:
-        event["timestamp"] = publish_time
-        changed = True
-    if not changed:
+        added["timestamp"] = publish_time
+    if not added:
         return payload
-    return json.dumps(event, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return _with_members(payload, added, empty=not event)
+
+
+def _with_members(payload: bytes, added: dict[str, Any], *, empty: bool) -> bytes:
+    """The JSON object `payload` with `added` written in before its closing brace, every
+    byte of the original kept. Re-writing the parsed event instead would change what the
+    standard library read and orjson refuses (a lone surrogate escape became bytes that are
+    not UTF-8, `1e400` became `Infinity`): the replay would be a parse dead letter. Last in
+    the object, a member wins over an earlier one of the same name (`"timestamp": 0`)."""
+    body = payload.rstrip(b" \t\r\n")  # a JSON object, so it ends with its closing brace
+    members = ",".join(f"{json.dumps(name)}:{json.dumps(value)}"
+                       for name, value in added.items())
+    return body[:-1] + (b"" if empty else b",") + members.encode("ascii") + b"}"
 
 
 def unique_messages(records: Iterable[dict[str, Any]],

@@ -140,3 +140,24 @@ def _drain(subscriber: Any, subscription: str) -> list[Any]:
         messages += [received.message for received in response.received_messages]
         subscriber.acknowledge(subscription=subscription,
                                ack_ids=[r.ack_id for r in response.received_messages])
+
+
+@pytest.mark.parametrize("data", [
+    '{"text": "\\ud800"}',  # a lone surrogate escape: parsed by the standard library
+    '{"big": 1e400}',  # a number orjson refuses as infinite: parsed by the standard library
+    '{"n": 1.0}, "timestamp": 0',  # a 0 timestamp takes the publish time, as at first
+])
+def test_a_replayed_event_without_id_and_time_still_parses(data: str) -> None:
+    from transforms.dead_letters import DeadLetterRecord
+    from transforms.elements import Envelope
+    from transforms.walkeros.event import InvalidEvent, parse_event
+
+    payload = f'{{"name": "a b", "user": {{"id": "u1"}}, "data": {data}}}'.encode()
+    original = parse_event(payload)
+    assert not isinstance(original, InvalidEvent)  # the first run took it
+    dead = DeadLetterRecord("sink", "503", 0.0, Envelope(
+        payload, message_id="m-1", publish_time_ms=1_764_300_000_000)).to_json()
+    again = parse_event(replay_of(dead).payload)
+    assert not isinstance(again, InvalidEvent), again.reason
+    assert json.dumps(again["data"]) == json.dumps(original["data"])
+    assert (again["id"], again["timestamp"]) == ("m-1", 1_764_300_000_000)
