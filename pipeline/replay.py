@@ -217,6 +217,10 @@ class SubscriptionSource:
                                             ack_deadline_seconds=seconds)
 
 
+# The names publish() binds before its **attrs (the client's signature).
+_PUBLISH_PARAMETERS = frozenset({"self", "topic", "data", "ordering_key", "retry", "timeout"})
+
+
 class Target:
     """Where replays go: the streaming job's input topic, or a JSON Lines file."""
 
@@ -236,9 +240,22 @@ class Target:
         if self._handle is not None:
             self._handle.write(replay.payload.replace(b"\n", b" ") + b"\n")
             return
-        self._futures.append(self.publisher.publish(
-            self.topic, replay.payload, ordering_key=replay.ordering_key or "",
-            **replay.attributes))
+        if _PUBLISH_PARAMETERS.isdisjoint(replay.attributes):
+            self._futures.append(self.publisher.publish(
+                self.topic, replay.payload, ordering_key=replay.ordering_key or "",
+                **replay.attributes))
+            return
+        # An attribute named like a parameter of publish() (`timeout`, `retry`, `data`, …)
+        # cannot go through its **attrs: it would be taken as that parameter (and lost) or
+        # refused. Such a message is published by the API call itself, after every message
+        # before it, so that the order of an ordering key holds.
+        from google.pubsub_v1.services.publisher.client import PublisherClient as Api
+        from google.pubsub_v1.types import PubsubMessage
+
+        self.flush()
+        Api.publish(self.publisher, topic=self.topic, messages=[PubsubMessage(  # its base class
+            data=replay.payload, attributes=replay.attributes,
+            ordering_key=replay.ordering_key or "")])
 
     def flush(self) -> None:
         """Everything written so far is stored (published, or on disk)."""

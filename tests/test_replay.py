@@ -161,3 +161,35 @@ def test_a_replayed_event_without_id_and_time_still_parses(data: str) -> None:
     assert not isinstance(again, InvalidEvent), again.reason
     assert json.dumps(again["data"]) == json.dumps(original["data"])
     assert (again["id"], again["timestamp"]) == ("m-1", 1_764_300_000_000)
+
+
+def test_a_replay_is_published_with_every_original_attribute(
+        emulator: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # Attribute names are the publisher's choice (settings.attributes of the walkerOS Pub/Sub
+    # destination); some are also the names of the client's publish() parameters.
+    from google.cloud import pubsub_v1
+
+    from pipeline.replay import Replay, Target
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path("walkeros-replay", "attributes")
+    subscription = subscriber.subscription_path("walkeros-replay", "attributes")
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=subscription, topic=topic)
+    attributes = {"src": "web", "timeout": "30", "retry": "no", "data": "d", "topic": "t",
+                  "ordering_key": "o"}
+    problems = []
+    for name, value in attributes.items():
+        target = Target(topic, None)
+        try:
+            target.write(Replay(f'{{"name": "a b", "id": "{name}"}}'.encode(),
+                                {name: value}, "user-1"))
+            target.close()
+        except Exception as error:  # noqa: BLE001 - each name's failure is reported
+            problems.append(f"{name}: {type(error).__name__}: {error}")
+    received = {json.loads(m.data)["id"]: m for m in _drain(subscriber, subscription)}
+    for name, value in attributes.items():
+        if name in received and dict(received[name].attributes) != {name: value}:
+            problems.append(f"{name}: published with {dict(received[name].attributes)}")
+    assert not problems
