@@ -193,3 +193,19 @@ def test_a_replay_is_published_with_every_original_attribute(
         if name in received and dict(received[name].attributes) != {name: value}:
             problems.append(f"{name}: published with {dict(received[name].attributes)}")
     assert not problems
+
+
+@pytest.mark.xfail(strict=True, reason="a dead letter of a file line (no publish time) does not "
+                   "keep the processing time its event was planned with")
+def test_a_replayed_line_without_timestamp_plans_the_same_time() -> None:
+    from transforms.dead_letters import DeadLetterRecord
+    from transforms.elements import Envelope
+
+    payload = json.dumps({"name": "order complete", "user": {"id": "u1"}}).encode()
+    first = Planner({}).plan(payload, now_ms=NOW)  # a line of a file: no message id or time
+    assert first.event is not None
+    dead = DeadLetterRecord("sink", "503", NOW + 5_000, Envelope(payload), first.event_id,
+                            first.event).to_json()
+    again = Planner({}).plan(replay_of(dead).payload, now_ms=NOW + 3_600_000)  # replayed later
+    assert again.event is not None
+    assert again.event.body == first.event.body
