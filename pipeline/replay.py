@@ -98,7 +98,9 @@ def unique_messages(records: Iterable[dict[str, Any]],
     (the replay plans all of them again); `seen` carries across calls."""
     seen = set() if seen is None else seen
     for record in records:
-        identity = (record.get("message_id"), record.get("event_id"), record.get("payload"))
+        # The event id as JSON text: an event's own id may be an object or a list (unhashable).
+        identity = (record.get("message_id"), json.dumps(record.get("event_id"), sort_keys=True),
+                    record.get("payload"))
         if identity in seen:
             continue
         seen.add(identity)

@@ -209,3 +209,19 @@ def test_a_replayed_line_without_timestamp_plans_the_same_time() -> None:
     again = Planner({}).plan(replay_of(dead).payload, now_ms=NOW + 3_600_000)  # replayed later
     assert again.event is not None
     assert again.event.body == first.event.body
+
+
+def test_dead_letters_of_events_whose_id_is_not_text_replay(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # walkerOS does not check an event's id: the pipeline plans one that is an object or a
+    # list (with no unique_id), and its dead letters carry it as their event_id.
+    dead = tmp_path / "dead-00000-of-00001.jsonl"
+    ids: list[Any] = [{"a": 1}, [1, 2], 3, {"a": 1}]
+    lines = [record(json.dumps({"name": "a b", "id": event_id}).encode(), event_id=event_id,
+                    message_id=f"m{n}") for n, event_id in enumerate(ids)]
+    lines.append(dict(lines[0], stage="preflight"))  # another call of the first message
+    dead.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    out = tmp_path / "replay.jsonl"
+    assert main(["--dead_letters", str(dead), "--output", str(out)]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ids
+    assert "replayed 4 message(s) from 5 dead letter(s)" in capsys.readouterr().err
