@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from transforms.dead_letters import STAGES
@@ -51,7 +51,15 @@ def _publish_time_ms(record: dict[str, Any]) -> float | None:
     text = record.get("publish_time")
     if not text:
         return None
-    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000
+    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if moment.tzinfo is None:  # the dead letters write UTC with a Z
+        moment = moment.replace(tzinfo=UTC)
+    # Whole microseconds, then ms: `timestamp() * 1000` can fall short of the millisecond
+    # written (2149725752758.9998), which the replayed event's time is then cut to.
+    return (moment - _EPOCH) // timedelta(microseconds=1) / 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def replay_of(record: dict[str, Any]) -> Replay:

@@ -225,3 +225,14 @@ def test_dead_letters_of_events_whose_id_is_not_text_replay(
     assert main(["--dead_letters", str(dead), "--output", str(out)]) == 0
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ids
     assert "replayed 4 message(s) from 5 dead letter(s)" in capsys.readouterr().err
+
+
+def test_a_replayed_publish_time_is_the_millisecond_written() -> None:
+    # 2038-02-15T...: parsed back by datetime.timestamp() * 1000 it was 0.0002 ms short, and
+    # the replayed event's time (cut to the millisecond) one millisecond earlier.
+    from transforms.klaviyo.wire import iso_time
+
+    published = 2_149_725_752_759
+    payload = b'{"name": "a b", "id": "x"}'
+    replayed = json.loads(replay_of(record(payload, publish_time=iso_time(published))).payload)
+    assert replayed["timestamp"] == published
