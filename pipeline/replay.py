@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 from transforms.dead_letters import STAGES
@@ -51,7 +51,15 @@ def _publish_time_ms(record: dict[str, Any]) -> float | None:
     text = record.get("publish_time")
     if not text:
         return None
-    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() * 1000
+    moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if moment.tzinfo is None:  # the dead letters write UTC with a Z
+        moment = moment.replace(tzinfo=UTC)
+    # Whole microseconds, then ms: `timestamp() * 1000` can fall short of the millisecond
+    # written (2149725752758.9998), which the replayed event's time is then cut to.
+    return (moment - _EPOCH) // timedelta(microseconds=1) / 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def replay_of(record: dict[str, Any]) -> Replay:
@@ -64,22 +72,32 @@ def replay_of(record: dict[str, Any]) -> Replay:
 
 def _with_planned_id_and_time(payload: bytes, record: dict[str, Any]) -> bytes:
     try:
-        event = json.loads(payload)
-    except ValueError:
+        event = json.loads(payload.decode("utf-8"))  # UTF-8 only, as the pipeline reads it
+    except ValueError:  # UnicodeDecodeError too
         return payload  # still not an event: replayed as it was
     if not isinstance(event, dict):
         return payload
-    changed = False
+    added: dict[str, Any] = {}
     if "id" not in event:
-        event["id"] = record.get("event_id") or fallback_event_id(event, record.get("message_id"))
-        changed = True
+        added["id"] = record.get("event_id") or fallback_event_id(event, record.get("message_id"))
     publish_time = _publish_time_ms(record)
     if not event.get("timestamp") and publish_time is not None:
-        event["timestamp"] = publish_time
-        changed = True
-    if not changed:
+        added["timestamp"] = publish_time
+    if not added:
         return payload
-    return json.dumps(event, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return _with_members(payload, added, empty=not event)
+
+
+def _with_members(payload: bytes, added: dict[str, Any], *, empty: bool) -> bytes:
+    """The JSON object `payload` with `added` written in before its closing brace, every
+    byte of the original kept. Re-writing the parsed event instead would change what the
+    standard library read and orjson refuses (a lone surrogate escape became bytes that are
+    not UTF-8, `1e400` became `Infinity`): the replay would be a parse dead letter. Last in
+    the object, a member wins over an earlier one of the same name (`"timestamp": 0`)."""
+    body = payload.rstrip(b" \t\r\n")  # a JSON object, so it ends with its closing brace
+    members = ",".join(f"{json.dumps(name)}:{json.dumps(value)}"
+                       for name, value in added.items())
+    return body[:-1] + (b"" if empty else b",") + members.encode("ascii") + b"}"
 
 
 def unique_messages(records: Iterable[dict[str, Any]],
@@ -88,7 +106,9 @@ def unique_messages(records: Iterable[dict[str, Any]],
     (the replay plans all of them again); `seen` carries across calls."""
     seen = set() if seen is None else seen
     for record in records:
-        identity = (record.get("message_id"), record.get("event_id"), record.get("payload"))
+        # The event id as JSON text: an event's own id may be an object or a list (unhashable).
+        identity = (record.get("message_id"), json.dumps(record.get("event_id"), sort_keys=True),
+                    record.get("payload"))
         if identity in seen:
             continue
         seen.add(identity)
@@ -207,6 +227,10 @@ class SubscriptionSource:
                                             ack_deadline_seconds=seconds)
 
 
+# The names publish() binds before its **attrs (the client's signature).
+_PUBLISH_PARAMETERS = frozenset({"self", "topic", "data", "ordering_key", "retry", "timeout"})
+
+
 class Target:
     """Where replays go: the streaming job's input topic, or a JSON Lines file."""
 
@@ -226,9 +250,22 @@ class Target:
         if self._handle is not None:
             self._handle.write(replay.payload.replace(b"\n", b" ") + b"\n")
             return
-        self._futures.append(self.publisher.publish(
-            self.topic, replay.payload, ordering_key=replay.ordering_key or "",
-            **replay.attributes))
+        if _PUBLISH_PARAMETERS.isdisjoint(replay.attributes):
+            self._futures.append(self.publisher.publish(
+                self.topic, replay.payload, ordering_key=replay.ordering_key or "",
+                **replay.attributes))
+            return
+        # An attribute named like a parameter of publish() (`timeout`, `retry`, `data`, …)
+        # cannot go through its **attrs: it would be taken as that parameter (and lost) or
+        # refused. Such a message is published by the API call itself, after every message
+        # before it, so that the order of an ordering key holds.
+        from google.pubsub_v1.services.publisher.client import PublisherClient as Api
+        from google.pubsub_v1.types import PubsubMessage
+
+        self.flush()
+        Api.publish(self.publisher, topic=self.topic, messages=[PubsubMessage(  # its base class
+            data=replay.payload, attributes=replay.attributes,
+            ordering_key=replay.ordering_key or "")])
 
     def flush(self) -> None:
         """Everything written so far is stored (published, or on disk)."""

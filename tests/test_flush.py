@@ -99,6 +99,19 @@ def test_the_memory_is_compact_and_forgets_by_age() -> None:
     assert len(ProfileMemory.decode(None)) == 0
 
 
+def test_the_memory_keeps_a_profile_key_longer_than_64_kib() -> None:
+    # Pre-flight lets a 70,000-byte external id through (strings up to 100 KiB): the memory
+    # the sink stores after sending it must encode, or the key's flush fails for ever.
+    long = "é" * 35_000
+    memory = ProfileMemory()
+    memory.dead_lettered(long, T, now_s=0)
+    memory.accepted("short", T, now_s=0)
+    decoded = ProfileMemory.decode(memory.encode())
+    assert decoded.failed(long) and decoded.accepted_ms("short") == T
+    decoded.accepted(long, T + 1, now_s=1)
+    assert ProfileMemory.decode(decoded.encode()).accepted_ms(long) == T + 1
+
+
 def test_events_wait_for_every_unsettled_upsert_of_their_profile() -> None:
     assert ready_events(["a", None, "b", "a"], unsettled={"a"}) == [1, 2]
 

@@ -132,6 +132,25 @@ def test_a_backed_off_rate_below_one_per_window_spaces_requests_out() -> None:
     assert [t - times[0] for t in times] == pytest.approx([0.0, 2 * M, 4 * M])  # one every 2 s
 
 
+def test_a_backed_off_rate_below_one_per_window_survives_a_snapshot() -> None:
+    """The sink restores a key's limiter from its pacing state before every flush: a grant
+    that a backed-off rate still spaces from (2 s at one per 2 s) is older than the window's
+    own span (1 s) and must be in the snapshot too."""
+    clock = FakeClock()
+    rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(2, 600)})
+    keep_throttling(rate_limiter, clock, 3)  # two halvings: one request per 2 s
+    clock.sleep(60)
+    [first] = grant_times(rate_limiter, clock, 1)
+    clock.sleep(1.5)
+    wait = rate_limiter.available_in(Endpoint.BULK_EVENTS)
+    assert wait == pytest.approx(2 * M - 1.5)
+
+    restored = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(2, 600)})
+    restored.restore(rate_limiter.snapshot())
+
+    assert restored.available_in(Endpoint.BULK_EVENTS) == pytest.approx(wait, abs=0.002)
+
+
 def test_overrides_replace_the_published_limit() -> None:
     clock = FakeClock()
 

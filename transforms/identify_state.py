@@ -36,6 +36,7 @@ where the cache is on.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -186,7 +187,21 @@ def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | T
         yield TaggedOutput(_EVENT_ONLY, planned)
     else:
         assert planned.plan.profile_key is not None  # a plan with a profile has a key
-        yield planned.plan.profile_key, planned
+        yield state_key(planned.plan.profile_key), planned
+
+
+def state_key(profile_key: str) -> str:
+    """The key of a profile's state: the profile key, unless it holds a lone surrogate (JSON
+    may escape one, `"\\ud800"`), which Beam's key coder (strict UTF-8) cannot encode: then
+    its JSON text, ASCII, after a NUL that no profile key of that text starts with. Any other
+    key stays as it was, so that a job updated in place finds its state."""
+    if profile_key.isascii():
+        return profile_key
+    try:
+        profile_key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "\0" + json.dumps(profile_key)
+    return profile_key
 
 
 class ApplyIdentifyState(beam.PTransform):

@@ -23,6 +23,7 @@ time of a dead-lettered newest upsert, each forgotten after its own horizon.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
@@ -73,15 +74,16 @@ class ProfileMemory:
         return len(self._entries)
 
     def accepted_ms(self, key: str) -> float | None:
-        entry = self._entries.get(key)
+        entry = self._entries.get(_stored(key))
         return None if entry is None else entry.accepted_ms
 
     def failed(self, key: str) -> bool:
-        entry = self._entries.get(key)
+        entry = self._entries.get(_stored(key))
         return entry is not None and entry.failed_ms is not None
 
     def accepted(self, key: str, order_ms: float, now_s: float) -> None:
         """Klaviyo took this upsert: it holds a body at least this new, repaired or not."""
+        key = _stored(key)
         entry = self._entries.get(key, _Entry(None, None, now_s))
         newest = order_ms if entry.accepted_ms is None else max(entry.accepted_ms, order_ms)
         failed = entry.failed_ms if entry.failed_ms is not None and \
@@ -91,6 +93,7 @@ class ProfileMemory:
     def dead_lettered(self, key: str, order_ms: float, now_s: float) -> None:
         """This upsert will not reach Klaviyo: hints for the profile are sent from now on,
         unless Klaviyo already holds a newer body."""
+        key = _stored(key)
         entry = self._entries.get(key, _Entry(None, None, now_s))
         if entry.accepted_ms is not None and entry.accepted_ms >= order_ms:
             return
@@ -131,6 +134,19 @@ class ProfileMemory:
             offset += 2 + size
             entries[key] = _Entry(_or_none(accepted), _or_none(failed), seen)
         return cls(entries)
+
+
+_LONGEST_KEY_CHARS = 0xFFFF // 4  # the 2-byte length holds their UTF-8 bytes, whatever they are
+
+
+def _stored(key: str) -> str:
+    """The key the memory holds a profile under: itself, or for a key whose UTF-8 bytes the
+    2-byte length of `encode` cannot hold (pre-flight lets 100 KiB strings through), a digest
+    that no real key is (it starts with a NUL)."""
+    if len(key) <= _LONGEST_KEY_CHARS:
+        return key
+    raw = key.encode("utf-8", "surrogatepass")
+    return key if len(raw) <= 0xFFFF else "\0sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def _or_nan(value: float | None) -> float:
