@@ -270,3 +270,32 @@ def test_a_key_moved_to_another_process_keeps_its_pacing() -> None:
     assert len(snapshot) < 4000
     new.restore(b"")  # an empty state: nothing recorded
     assert new.snapshot() == b"{}"
+
+
+def test_a_process_descheduled_while_restoring_never_places_grants_earlier() -> None:
+    """`restore` reads two clocks; a process descheduled between the readings (a starved
+    worker) must err towards later grants: an earlier one would let the next request into the
+    window of the last one sent in the old process."""
+    true_time = FakeClock()  # one key's time, whichever process it runs in
+    old = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 60)}, clock=true_time,
+                      sleep=true_time.sleep, wall=lambda: 1_700_000_000 + true_time.now)
+    granted_at = old.acquire(Endpoint.BULK_EVENTS)
+    true_time.sleep(0.2)
+    old.answered(Endpoint.BULK_EVENTS, granted_at)  # counts at 0.2 from now on
+    snapshot = old.snapshot()
+
+    def new_clock() -> float:
+        return 5000.0 + true_time.now
+
+    def descheduled_wall() -> float:
+        true_time.sleep(0.5)  # the process loses the CPU for half a second right here
+        return 1_700_000_000 + true_time.now
+
+    new = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 60)}, clock=new_clock,
+                      sleep=true_time.sleep, wall=descheduled_wall)
+    new.restore(snapshot)
+    new.acquire(Endpoint.BULK_EVENTS)
+
+    assert true_time.now >= 0.2 + M - 1e-6  # the old answer's window (float error aside)
+
+

@@ -281,7 +281,10 @@ class RateLimiter:
     def restore(self, snapshot: bytes) -> None:
         """Continue from a `snapshot` of this key's limiter, taken in this or another process:
         its grants replace what this limiter remembers."""
-        to_clock = self._clock() - self._wall()
+        # The wall clock first: a process descheduled between the two readings then places
+        # the grants later than they were, never earlier (snapshot reads them the other way).
+        wall = self._wall()
+        to_clock = self._clock() - wall
         recorded = json.loads(snapshot) if snapshot else {}
         for endpoint, state in self._endpoints.items():
             factor, paused, throttled, *windows = recorded.get(endpoint.value) or [
