@@ -490,6 +490,33 @@ def test_requests_slow_to_arrive_still_keep_every_window_of_klaviyos() -> None:
     assert max(per_minute.values()) <= 20, sorted(per_minute.items())
 
 
+class BrokenAnswerClient(SlowRoadClient):
+    """Its request arrives after a while, then the answer breaks the client in a way no
+    `KlaviyoCallError` describes (a bug, an SDK surprise): the exception propagates."""
+
+    def bulk_create_events(self, body: Encoded) -> Response:
+        super().bulk_create_events(body)
+        self.clock.sleep(0.2)
+        raise RuntimeError("the SDK choked on the answer")
+
+
+def test_a_request_whose_answer_raises_still_counts_until_that_moment() -> None:
+    """Whatever ends an attempt, the limiter hears of it: a request that arrived late and then
+    raised something unexpected must not leave its window at its grant time."""
+    clock = FakeTime()
+    client = BrokenAnswerClient(clock, delays=[0.7])
+    limiter = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 20)}, clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=1)
+
+    with pytest.raises(RuntimeError):
+        sender.send_events([event_call("evt-1")], deadline=clock() + 60)
+    granted_at = limiter.acquire(Endpoint.BULK_EVENTS)
+
+    assert client.arrivals == [0.7]
+    assert granted_at >= 0.9 + 1.0  # a window after the answer (0.9), not after the grant (0)
+
+
 def test_a_repeat_of_a_dead_lettered_event_shares_its_fate(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:
