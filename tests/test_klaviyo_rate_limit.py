@@ -299,3 +299,19 @@ def test_a_process_descheduled_while_restoring_never_places_grants_earlier() -> 
     assert true_time.now >= 0.2 + M - 1e-6  # the old answer's window (float error aside)
 
 
+def test_a_backed_off_spacing_moves_with_the_key() -> None:
+    """Below one request per window (after 429s kept coming), a key waits longer than the
+    window between requests; a move to another process mid-wait must not cut it short."""
+    clock = FakeClock()
+    limits = {Endpoint.BULK_EVENTS: Limit(2, 600)}
+    old = limiter(clock, limits=limits)
+    keep_throttling(old, clock, 3)  # two halvings: one request every 2 s
+    clock.sleep(60)
+    granted_at = old.acquire(Endpoint.BULK_EVENTS)
+    old.answered(Endpoint.BULK_EVENTS, granted_at)
+    clock.sleep(1.5)  # past the 1 s window, not past the 2 s spacing
+
+    new = limiter(clock, limits=limits)
+    new.restore(old.snapshot())
+
+    assert new.acquire(Endpoint.BULK_EVENTS) == pytest.approx(granted_at + 2 * M, abs=0.002)

@@ -119,9 +119,11 @@ class _Window:
             return
         bisect.insort(self._sent, now)
 
-    def recent(self, now: float) -> list[float]:
-        """The grants still inside the window's span at `now`."""
-        return [sent for sent in self._sent if sent + self._seconds > now]
+    def recent(self, now: float, factor: float) -> list[float]:
+        """The grants still inside the window's span at `now` when running at `factor` (below
+        one request per window, the span is longer than the window)."""
+        _, seconds = _whole_requests(self._count * factor, self._seconds)
+        return [sent for sent in self._sent if sent + seconds > now]
 
     def replace(self, sent: list[float]) -> None:
         self._sent.clear()
@@ -271,7 +273,7 @@ class RateLimiter:
         recorded: dict[str, list[Any]] = {}
         for endpoint, state in self._endpoints.items():
             with state.lock:
-                windows = [[_later_ms(t + to_wall) for t in window.recent(now)]
+                windows = [[_later_ms(t + to_wall) for t in window.recent(now, state.factor)]
                            for window in state.windows]
                 paused = state.paused_until if state.paused_until > now else None
                 if any(windows) or paused is not None or state.factor < 1:
