@@ -490,6 +490,67 @@ def test_requests_slow_to_arrive_still_keep_every_window_of_klaviyos() -> None:
     assert max(per_minute.values()) <= 20, sorted(per_minute.items())
 
 
+class BrokenAnswerClient(SlowRoadClient):
+    """Its request arrives after a while, then the answer breaks the client in a way no
+    `KlaviyoCallError` describes (a bug, an SDK surprise): the exception propagates."""
+
+    def bulk_create_events(self, body: Encoded) -> Response:
+        super().bulk_create_events(body)
+        self.clock.sleep(0.2)
+        raise RuntimeError("the SDK choked on the answer")
+
+
+def test_a_request_whose_answer_raises_still_counts_until_that_moment() -> None:
+    """Whatever ends an attempt, the limiter hears of it: a request that arrived late and then
+    raised something unexpected must not leave its window at its grant time."""
+    clock = FakeTime()
+    client = BrokenAnswerClient(clock, delays=[0.7])
+    limiter = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 20)}, clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=1)
+
+    with pytest.raises(RuntimeError):
+        sender.send_events([event_call("evt-1")], deadline=clock() + 60)
+    granted_at = limiter.acquire(Endpoint.BULK_EVENTS)
+
+    assert client.arrivals == [0.7]
+    assert granted_at >= 0.9 + 1.0  # a window after the answer (0.9), not after the grant (0)
+
+
+class SlowJobClient:
+    """An import job whose status answer comes back late, and whose import errors are asked
+    for next; logs when each request starts."""
+
+    def __init__(self, clock: FakeTime, status_takes: float) -> None:
+        self.clock = clock
+        self.status_takes = status_takes
+        self.started: list[tuple[str, float]] = []
+
+    def get_bulk_import_job(self, job_id: str) -> Response:
+        self.started.append(("status", self.clock.now))
+        self.clock.sleep(self.status_takes)
+        return Response(200, {"data": {"attributes": {"status": "complete"}}})
+
+    def get_import_errors(self, job_id: str, page_cursor: str | None = None) -> Response:
+        self.started.append(("errors", self.clock.now))
+        return Response(200, {"data": []})
+
+
+def test_no_request_of_a_poll_starts_after_the_deadline() -> None:
+    """The job's status came back after the flush's deadline: its import errors are asked for
+    in a later poll, not now (the limiter had room, but the flush's time was over)."""
+    clock = FakeTime()
+    client = SlowJobClient(clock, status_takes=3.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05))  # type: ignore[arg-type]
+    calls = [profile_call(email="ann@example.com")]
+
+    polled = sender.poll_profile_import(ImportJob("job-1", 1), calls, deadline=clock() + 2)
+
+    assert polled is None  # ask again later
+    assert client.started == [("status", 0.0)]
+
+
 def test_a_repeat_of_a_dead_lettered_event_shares_its_fate(
     klaviyo_server: KlaviyoTestServer,
 ) -> None:

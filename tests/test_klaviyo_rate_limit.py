@@ -132,25 +132,6 @@ def test_a_backed_off_rate_below_one_per_window_spaces_requests_out() -> None:
     assert [t - times[0] for t in times] == pytest.approx([0.0, 2 * M, 4 * M])  # one every 2 s
 
 
-def test_a_backed_off_rate_below_one_per_window_survives_a_snapshot() -> None:
-    """The sink restores a key's limiter from its pacing state before every flush: a grant
-    that a backed-off rate still spaces from (2 s at one per 2 s) is older than the window's
-    own span (1 s) and must be in the snapshot too."""
-    clock = FakeClock()
-    rate_limiter = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(2, 600)})
-    keep_throttling(rate_limiter, clock, 3)  # two halvings: one request per 2 s
-    clock.sleep(60)
-    [first] = grant_times(rate_limiter, clock, 1)
-    clock.sleep(1.5)
-    wait = rate_limiter.available_in(Endpoint.BULK_EVENTS)
-    assert wait == pytest.approx(2 * M - 1.5)
-
-    restored = limiter(clock, limits={Endpoint.BULK_EVENTS: Limit(2, 600)})
-    restored.restore(rate_limiter.snapshot())
-
-    assert restored.available_in(Endpoint.BULK_EVENTS) == pytest.approx(wait, abs=0.002)
-
-
 def test_overrides_replace_the_published_limit() -> None:
     clock = FakeClock()
 
@@ -289,3 +270,48 @@ def test_a_key_moved_to_another_process_keeps_its_pacing() -> None:
     assert len(snapshot) < 4000
     new.restore(b"")  # an empty state: nothing recorded
     assert new.snapshot() == b"{}"
+
+
+def test_a_process_descheduled_while_restoring_never_places_grants_earlier() -> None:
+    """`restore` reads two clocks; a process descheduled between the readings (a starved
+    worker) must err towards later grants: an earlier one would let the next request into the
+    window of the last one sent in the old process."""
+    true_time = FakeClock()  # one key's time, whichever process it runs in
+    old = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 60)}, clock=true_time,
+                      sleep=true_time.sleep, wall=lambda: 1_700_000_000 + true_time.now)
+    granted_at = old.acquire(Endpoint.BULK_EVENTS)
+    true_time.sleep(0.2)
+    old.answered(Endpoint.BULK_EVENTS, granted_at)  # counts at 0.2 from now on
+    snapshot = old.snapshot()
+
+    def new_clock() -> float:
+        return 5000.0 + true_time.now
+
+    def descheduled_wall() -> float:
+        true_time.sleep(0.5)  # the process loses the CPU for half a second right here
+        return 1_700_000_000 + true_time.now
+
+    new = RateLimiter({Endpoint.BULK_EVENTS: Limit(1, 60)}, clock=new_clock,
+                      sleep=true_time.sleep, wall=descheduled_wall)
+    new.restore(snapshot)
+    new.acquire(Endpoint.BULK_EVENTS)
+
+    assert true_time.now >= 0.2 + M - 1e-6  # the old answer's window (float error aside)
+
+
+def test_a_backed_off_spacing_moves_with_the_key() -> None:
+    """Below one request per window (after 429s kept coming), a key waits longer than the
+    window between requests; a move to another process mid-wait must not cut it short."""
+    clock = FakeClock()
+    limits = {Endpoint.BULK_EVENTS: Limit(2, 600)}
+    old = limiter(clock, limits=limits)
+    keep_throttling(old, clock, 3)  # two halvings: one request every 2 s
+    clock.sleep(60)
+    granted_at = old.acquire(Endpoint.BULK_EVENTS)
+    old.answered(Endpoint.BULK_EVENTS, granted_at)
+    clock.sleep(1.5)  # past the 1 s window, not past the 2 s spacing
+
+    new = limiter(clock, limits=limits)
+    new.restore(old.snapshot())
+
+    assert new.acquire(Endpoint.BULK_EVENTS) == pytest.approx(granted_at + 2 * M, abs=0.002)

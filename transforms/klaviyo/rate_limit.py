@@ -37,8 +37,9 @@ bytes for the key's Beam state, `restore` takes them over in whichever process t
 next; times travel as wall-clock time, comparable across processes (and NTP-synchronised
 workers).
 
-`acquire` never waits past the caller's `deadline`: a request that could not be granted by then
-is not counted and the caller keeps it for later, so no flush sleeps for minutes.
+`acquire` never waits past the caller's `deadline`, nor grants a request after it: a request
+that could not be granted by then is not counted and the caller keeps it for later, so no flush
+sleeps for minutes, nor starts a request once its time is over.
 
 Every 429 pauses the endpoint for Retry-After. With every key within its share, Klaviyo has no
 reason to send one; one comes when another client shares the account, or a share is set too
@@ -119,9 +120,9 @@ class _Window:
         bisect.insort(self._sent, now)
 
     def recent(self, now: float, factor: float) -> list[float]:
-        """The grants that still hold back a request at `now` at `factor` of the full rate:
-        inside the window's span, which a rate below one request per window stretches."""
-        seconds = _whole_requests(self._count * factor, self._seconds)[1]
+        """The grants still inside the window's span at `now` when running at `factor` (below
+        one request per window, the span is longer than the window)."""
+        _, seconds = _whole_requests(self._count * factor, self._seconds)
         return [sent for sent in self._sent if sent + seconds > now]
 
     def replace(self, sent: list[float]) -> None:
@@ -205,22 +206,24 @@ class RateLimiter:
         """Wait until a request to `endpoint` may go out and count it.
 
         Returns the time it was granted at, on the limiter's clock (`throttled` needs it), or
-        None, counting nothing, when it could not be granted by `deadline` (same clock).
+        None, counting nothing, when it could not be granted by `deadline` (same clock): also
+        when the deadline has passed already, though the windows have room.
         """
         state = self._endpoints[endpoint]
         while True:
             with state.lock:
                 now = self._clock()
                 wait = max(
+                    0.0,
                     state.paused_until - now,
                     *(window.wait(now, state.factor) for window in state.windows),
                 )
-                if wait <= 0:
+                if deadline is not None and now + wait > deadline:
+                    return None
+                if wait == 0:
                     for window in state.windows:
                         window.record(now)
                     return now
-            if deadline is not None and now + wait > deadline:
-                return None
             self._sleep(wait)
 
     def answered(self, endpoint: Endpoint, granted_at: float) -> None:
@@ -283,7 +286,10 @@ class RateLimiter:
     def restore(self, snapshot: bytes) -> None:
         """Continue from a `snapshot` of this key's limiter, taken in this or another process:
         its grants replace what this limiter remembers."""
-        to_clock = self._clock() - self._wall()
+        # The wall clock first: a process descheduled between the two readings then places
+        # the grants later than they were, never earlier (snapshot reads them the other way).
+        wall = self._wall()
+        to_clock = self._clock() - wall
         recorded = json.loads(snapshot) if snapshot else {}
         for endpoint, state in self._endpoints.items():
             factor, paused, throttled, *windows = recorded.get(endpoint.value) or [

@@ -473,7 +473,6 @@ class KlaviyoSender:
         try:
             result = request()
         except KlaviyoCallError as exc:
-            self._limiter.answered(endpoint, granted_at)
             failure = exc.failure
             self._count_request(endpoint, failure.label, started)
             if failure.status == 429:
@@ -486,7 +485,8 @@ class KlaviyoSender:
                     "scopes."
                 ) from None
             return failure
-        self._limiter.answered(endpoint, granted_at)
+        finally:  # whatever ended the attempt, even an exception nobody expected
+            self._limiter.answered(endpoint, granted_at)
         self._count_request(endpoint, str(result.status), started)
         self._limiter.succeeded(endpoint)
         self._successes[endpoint] += 1
