@@ -195,20 +195,24 @@ def test_a_replay_is_published_with_every_original_attribute(
     assert not problems
 
 
-@pytest.mark.xfail(strict=True, reason="a dead letter of a file line (no publish time) does not "
-                   "keep the processing time its event was planned with")
 def test_a_replayed_line_without_timestamp_plans_the_same_time() -> None:
+    """A line of a file has no publish time: the plan stage keeps the processing time its
+    event was planned at in the envelope, which every later dead letter carries."""
     from transforms.dead_letters import DeadLetterRecord
-    from transforms.elements import Envelope
+    from transforms.elements import Envelope, ParsedEvent
+    from transforms.plan import _PlanFn
+    from transforms.walkeros.event import parse_event
 
     payload = json.dumps({"name": "order complete", "user": {"id": "u1"}}).encode()
-    first = Planner({}).plan(payload, now_ms=NOW)  # a line of a file: no message id or time
-    assert first.event is not None
-    dead = DeadLetterRecord("sink", "503", NOW + 5_000, Envelope(payload), first.event_id,
-                            first.event).to_json()
+    plan_stage = _PlanFn({}, clock=lambda: NOW / 1000)
+    plan_stage.setup()
+    [first] = plan_stage.process(ParsedEvent(Envelope(payload), parse_event(payload)))
+    assert first.plan.event is not None
+    dead = DeadLetterRecord("sink", "503", NOW + 5_000, first.envelope, first.plan.event_id,
+                            first.plan.event).to_json()
     again = Planner({}).plan(replay_of(dead).payload, now_ms=NOW + 3_600_000)  # replayed later
     assert again.event is not None
-    assert again.event.body == first.event.body
+    assert again.event.body == first.plan.event.body
 
 
 def test_dead_letters_of_events_whose_id_is_not_text_replay(

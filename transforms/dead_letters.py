@@ -15,7 +15,9 @@ filter by stage):
 `payload` is the original message text, or its base64 when it is not UTF-8
 (`"payload_encoding": "base64"`); `call` is the Klaviyo call (`{"method", "body"}`) that failed
 for the preflight and sink stages; `ordering_key` is the Pub/Sub ordering key the message was
-published with (a replay publishes with it again).
+published with (a replay publishes with it again); `publish_time` is the message's publish time,
+or for a line of a file that reached the plan stage the processing time it was planned at (the
+plan stage keeps it in the envelope: a replay plans the time the first run planned).
 
 A record always fits where it goes: Pub/Sub refuses message data over 10,000,000 bytes (and a
 publish request over 10 MB), so a record is at most `MAX_RECORD_BYTES` of JSON, for files too

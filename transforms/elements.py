@@ -33,7 +33,9 @@ class Envelope:
     payload: bytes
     attributes: dict[str, str] = field(default_factory=dict)
     message_id: str | None = None  # the fallback event id (port.md D4)
-    publish_time_ms: float | None = None  # the fallback event time (port.md D5)
+    # The fallback event time (port.md D5): the publish time, or for a line of a file the
+    # processing time the plan stage planned it at (transforms/plan.py).
+    publish_time_ms: float | None = None
     ordering_key: str | None = None  # kept for the dead letters, so a replay can set it again
 
 

@@ -11,6 +11,7 @@ just as it would have to be to import them there.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -54,8 +55,14 @@ class _PlanFn(beam.DoFn):
     def process(self, parsed: ParsedEvent) -> Iterator[PlannedEvent | TaggedOutput]:
         assert self._planner is not None, "setup() runs before process()"
         envelope = parsed.envelope
+        now_ms = self._clock() * 1000
+        if envelope.publish_time_ms is None:
+            # A line of a file: the processing time stands in for a missing timestamp (D5).
+            # Kept as the envelope's fallback time, it is the time every later stage and dead
+            # letter sees, so a replay plans the event at the time it was planned at first.
+            envelope = dataclasses.replace(envelope, publish_time_ms=now_ms)
         try:
-            plan = self._planner.plan_event(parsed.event, now_ms=self._clock() * 1000,
+            plan = self._planner.plan_event(parsed.event, now_ms=now_ms,
                                             message_id=envelope.message_id,
                                             publish_time_ms=envelope.publish_time_ms)
         except Exception as error:  # noqa: BLE001 - see dead_letters.unexpected
