@@ -201,3 +201,25 @@ def test_compressed_input_is_split_as_the_job_reads_it(tmp_path: Path) -> None:
         with open(partition.path, "rb") as handle:
             read += split_lines(handle)
     assert sorted(read) == sorted(plain.splitlines())
+
+
+def test_the_runs_of_a_split_backfill_share_the_account_limit(tmp_path: Path) -> None:
+    """The runs of a split backfill go one after another in one process: each run's keys
+    continue from the requests the run before made, so a run that starts inside the minute
+    its predecessor used does not send a second minute's worth into it."""
+    from tests.klaviyo_server import BULK_EVENTS
+    from tests.test_klaviyo_account_limit import product_views
+
+    events = tmp_path / "events.jsonl"
+    product_views(events, 120, users=20)  # 24 requests of 5: more than one minute's 20
+    with KlaviyoTestServer(time_scale=5.0) as server:  # a Klaviyo minute is 12 s
+        server.rate_limits[BULK_EVENTS] = (4, 20)
+        code = cli_main(run_command(
+            server, events, EXAMPLES / "flow.json", tmp_path / "dead",
+            "--rate_limits", "bulk_events=4:20", "--batch_max_events", "5",
+            "--sink_shards", "4", "--local_partitions", "3"))
+        statuses = server.statuses(BULK_EVENTS)
+        stored = server.stored_unique_ids()
+    assert code == 0
+    assert 429 not in statuses, statuses
+    assert len(stored) == 120

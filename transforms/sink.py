@@ -41,6 +41,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import threading
 import time
 import zlib
@@ -500,13 +501,17 @@ class _SendFlushes(beam.DoFn):
         self._streaming = streaming
         self._clock = clock
         self._client: KlaviyoClient | None = None
+        self._account = ""
         self._senders: dict[str, tuple[KlaviyoSender, Tally, RateLimiter]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._running: list[tuple[Future[list[DeadLetterRecord]], Tally]] = []
 
     def setup(self) -> None:
         settings = self._settings
-        self._client = KlaviyoClient(settings.api_key.resolve(), test_host=settings.base_url,
+        api_key = settings.api_key.resolve()
+        # Which account the limiters pace (never the key itself: it is a secret).
+        self._account = hashlib.sha256(f"{settings.base_url}\0{api_key}".encode()).hexdigest()
+        self._client = KlaviyoClient(api_key, test_host=settings.base_url,
                                      connect_timeout=settings.connect_timeout_seconds,
                                      read_timeout=settings.read_timeout_seconds)
         if not self._streaming:
@@ -523,18 +528,21 @@ class _SendFlushes(beam.DoFn):
     def _sender(self, key: str, pacing: ReadModifyWriteRuntimeState
                 ) -> tuple[KlaviyoSender, Tally, RateLimiter]:
         """The key's sender, its limiter continuing from the key's pacing state: a key's
-        recent requests travel with it when the runner moves it to another process."""
+        recent requests travel with it when the runner moves it to another process. A key
+        with no pacing state yet (a batch run writes none) keeps what this process knows of
+        it (`_process_limiter`)."""
         if key not in self._senders:
             settings = self._settings
             assert self._client is not None, "setup() builds the client"
             tally = Tally()
-            limiter = RateLimiter(settings.rate_limits, scale=settings.rate_limit_scale,
-                                  share=1 / settings.shards)
+            limiter = _process_limiter(settings, self._account, key)
             sender = KlaviyoSender(self._client, limiter, Retrier(RetryPolicy()), tally,
                                    max_events_per_request=settings.batch_max_events)
             self._senders[key] = (sender, tally, limiter)
         sender, tally, limiter = self._senders[key]
-        limiter.restore(pacing.read() or b"")
+        snapshot = pacing.read()
+        if snapshot:
+            limiter.restore(snapshot)
         return sender, tally, limiter
 
     def process(
@@ -645,6 +653,26 @@ class _SendFlushes(beam.DoFn):
         else:
             memory.clear()
         yield from flush.dead
+
+
+_LIMITERS: dict[tuple[Any, ...], RateLimiter] = {}
+_LIMITERS_LOCK = threading.Lock()
+
+
+def _process_limiter(settings: SinkSettings, account: str, key: str) -> RateLimiter:
+    """The limiter of `key` for this account in this process, shared by every DoFn instance
+    and every run that sends for it here. A split local backfill runs its partitions one
+    after another in one process (pipeline/local_backfill.py): each run's keys must continue
+    from the requests the run before made, or a run starting inside the minute its
+    predecessor used would send a second minute's worth into it (measured: 429s)."""
+    identity = (account, key, settings.shards, settings.rate_limit_scale,
+                tuple(sorted(settings.rate_limits.items())))
+    with _LIMITERS_LOCK:
+        if identity not in _LIMITERS:
+            _LIMITERS[identity] = RateLimiter(settings.rate_limits,
+                                              scale=settings.rate_limit_scale,
+                                              share=1 / settings.shards)
+        return _LIMITERS[identity]
 
 
 def _decoded(taken: tuple[bytes | None, list[bytes], bytes | None]
