@@ -315,3 +315,34 @@ def test_a_backed_off_spacing_moves_with_the_key() -> None:
     new.restore(old.snapshot())
 
     assert new.acquire(Endpoint.BULK_EVENTS) == pytest.approx(granted_at + 2 * M, abs=0.002)
+
+
+def test_a_retried_bundle_keeps_the_requests_its_failed_attempt_made() -> None:
+    """A bundle can fail after its requests went out: its pacing state is never committed, and
+    the retry reads the state before it. The limiter of the process that made those requests
+    still knows them, and a state it wrote or read itself holds nothing newer."""
+    clock = FakeClock()
+    limits = {Endpoint.BULK_EVENTS: Limit(1, 60)}
+
+    def process() -> RateLimiter:  # one clock for both processes: the wall clock moves with it
+        return RateLimiter(limits, clock=clock, sleep=clock.sleep,
+                           wall=lambda: 1_700_000_000 + clock.now)
+
+    key = process()
+    first = key.acquire(Endpoint.BULK_EVENTS)
+    key.answered(Endpoint.BULK_EVENTS, first)
+    committed = key.snapshot()  # the first flush's bundle commits its pacing
+    clock.sleep(2)
+    second = key.acquire(Endpoint.BULK_EVENTS)
+    key.answered(Endpoint.BULK_EVENTS, second)
+    key.snapshot()  # the second bundle fails after sending: this state is never committed
+
+    key.restore(committed)  # its retry reads the committed state
+
+    assert key.acquire(Endpoint.BULK_EVENTS) == pytest.approx(second + M, abs=0.002)
+    elsewhere = process()  # another process's newer state still wins
+    elsewhere.restore(committed)
+    moved = elsewhere.acquire(Endpoint.BULK_EVENTS)
+    elsewhere.answered(Endpoint.BULK_EVENTS, moved)
+    key.restore(elsewhere.snapshot())
+    assert key.acquire(Endpoint.BULK_EVENTS) == pytest.approx(moved + M, abs=0.002)

@@ -35,7 +35,9 @@ with several workers does so on every bundle, Dataflow when it rebalances), and 
 there would not know the grants just made elsewhere. `snapshot` gives the recent grants as
 bytes for the key's Beam state, `restore` takes them over in whichever process the key runs
 next; times travel as wall-clock time, comparable across processes (and NTP-synchronised
-workers).
+workers). A state the limiter itself took or took over lately is not read back: the limiter
+knows all it holds, and maybe more (a bundle can fail after its requests went out; its retry
+reads the state from before them).
 
 `acquire` never waits past the caller's `deadline`, nor grants a request after it: a request
 that could not be granted by then is not counted and the caller keeps it for later, so no flush
@@ -89,6 +91,7 @@ PUBLISHED_LIMITS: Mapping[Endpoint, Limit] = {
 }
 
 _CLOCK_MARGIN = 1.01  # spans held this much longer than Klaviyo's windows (module docstring)
+_KNOWN_SNAPSHOTS = 8  # a key's own recent states that `restore` recognises (retried bundles)
 _SLOWEST_FACTOR = 1 / 16  # never slow down below this share of the configured rate
 _RECOVERY_STEP = 1 / 32  # rate share won back per successful request
 
@@ -195,6 +198,8 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._wall = wall
+        # The snapshots this limiter took or took over lately: it knows all they hold.
+        self._known: deque[bytes] = deque(maxlen=_KNOWN_SNAPSHOTS)
 
     @overload
     def acquire(self, endpoint: Endpoint) -> float: ...
@@ -281,11 +286,19 @@ class RateLimiter:
                         state.factor, None if paused is None else paused + to_wall,
                         state.throttled_at + to_wall if state.throttled_at > -math.inf else None,
                         *windows]
-        return json.dumps(recorded, separators=(",", ":")).encode()
+        snapshot = json.dumps(recorded, separators=(",", ":")).encode()
+        self._known.append(snapshot)
+        return snapshot
 
     def restore(self, snapshot: bytes) -> None:
         """Continue from a `snapshot` of this key's limiter, taken in this or another process:
-        its grants replace what this limiter remembers."""
+        its grants replace what this limiter remembers, unless this limiter took or took over
+        that very snapshot lately. Then it already knows everything in it, and maybe more: a
+        bundle that failed after its requests went out commits no state, and its retry reads
+        the state before it, but the requests were made."""
+        if snapshot in self._known:
+            return
+        self._known.append(snapshot)
         # The wall clock first: a process descheduled between the two readings then places
         # the grants later than they were, never earlier (snapshot reads them the other way).
         wall = self._wall()
