@@ -43,8 +43,8 @@ per 100,000 lines, would flush one after another with planning gaps between them
 with it: bulk requests per 1,000 events stored, and the job's CPU per bulk request from the
 first request's arrival to the last one's answer (read from /proc every 50 ms: the flush's
 decoding, planning, encoding and HTTP of every shard; the first shard's preparation before its
-first request is not in it, nor the job's shutdown). At `--scale 1` a run takes about three
-minutes: the planning, the window, and the requests left over for the next minute.
+first request is not in it, nor the job's shutdown), and the run's wall time: at `--scale 1`
+about three minutes, the planning, the window, and the requests left over for the next minute.
 """
 
 from __future__ import annotations
@@ -88,31 +88,31 @@ def _serve(conn: Connection, scale: float, latency: float) -> None:
         conn.send(server.requests())
 
 
-def share_of_ceiling(requests: Sequence[LoggedRequest]) -> tuple[float, int]:
-    """(delivered rate as a share of the ceiling, events stored) from the server's log."""
+def share_of_ceiling(requests: Sequence[LoggedRequest]) -> float:
+    """The delivered rate as a share of the ceiling, from the server's log."""
     accepted = [entry for entry in requests if entry.route == BULK_EVENTS and entry.status == 202]
     events = sum(entry.events for entry in accepted)
     if len(accepted) < 2:
-        return 0.0, events
+        return 0.0
     span_minutes = (accepted[-1].at - accepted[0].at) / 60
     per_request = events / len(accepted)
     rate = (len(accepted) - 1) * per_request / span_minutes
-    return rate / CEILING_PER_MINUTE, events
+    return rate / CEILING_PER_MINUTE
 
 
 def in_window_share(requests: Sequence[LoggedRequest], *, minutes: float, latency: float
-                    ) -> tuple[float, int]:
-    """(share of the ceiling, requests) of the bulk events accepted and answered within
+                    ) -> float:
+    """The share of the ceiling of the bulk events accepted and answered within
     `minutes` Klaviyo minutes of the first bulk request's arrival (bench/sink_throughput.py's
     measure: delivered in a window of whole minutes against minutes × the ceiling). `at` and
     `latency` are in Klaviyo seconds."""
     bulk = [entry for entry in requests if entry.route == BULK_EVENTS]
     if not bulk:
-        return 0.0, 0
+        return 0.0
     window_end = min(entry.at for entry in bulk) + minutes * 60
     inside = [entry for entry in bulk
               if entry.status == 202 and entry.at + latency <= window_end]
-    return sum(entry.events for entry in inside) / (minutes * CEILING_PER_MINUTE), len(inside)
+    return sum(entry.events for entry in inside) / (minutes * CEILING_PER_MINUTE)
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,9 @@ def run_once(lines: Sequence[str], *, latency: float, scale: float, shards: int,
     bulk = [entry for entry in requests if entry.route == BULK_EVENTS]
     stored = sum(entry.events for entry in bulk if entry.status == 202)
     if minutes is None:
-        share, _ = share_of_ceiling(requests)
+        share = share_of_ceiling(requests)
     else:
-        share, _ = in_window_share(requests, minutes=minutes, latency=latency * scale)
+        share = in_window_share(requests, minutes=minutes, latency=latency * scale)
     sink_cpu = None
     if bulk and samples:
         started = cpu_at(samples, min(entry.at for entry in bulk) / scale)
@@ -228,15 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.shards} shards; delivery {measure}", flush=True)
     runs = []
     for number in range(1, args.runs + 1):
+        started = time.monotonic()
         run = run_once(lines, latency=args.latency, scale=args.scale, shards=args.shards,
                        minutes=args.minutes)
+        elapsed = time.monotonic() - started
         runs.append(run)
         sink_cpu = ("?" if run.sink_cpu_per_request is None
                     else f"{run.sink_cpu_per_request * 1000:.0f} ms")
         print(f"run {number}: {run.share:.1%} of the scaled ceiling; {run.stored:,} events "
               f"stored; {1000 * run.bulk_requests / max(1, run.stored):.3f} bulk requests per "
               f"1,000 events; job CPU {run.job_cpu_seconds:.1f} s, of which {sink_cpu} per "
-              f"bulk request from the first to the last", flush=True)
+              f"bulk request from the first to the last; {elapsed:.0f} s", flush=True)
     per_request = [run.sink_cpu_per_request for run in runs
                    if run.sink_cpu_per_request is not None]
     cpu_text = (f"; client CPU per bulk request {statistics.median(per_request) * 1000:.0f} ms"

@@ -88,7 +88,6 @@ class Simulation:
         return to_json_line(record, finite=self._finite_config)
 
 
-
 def simulate(config: dict[str, Any], source: Readable) -> Iterator[dict[str, Any]]:
     """One output record per non-blank line of a binary input, in order."""
     simulation = Simulation(config)

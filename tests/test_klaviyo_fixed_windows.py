@@ -16,13 +16,14 @@ Along the way, every flush keeps to its deadline: no request starts after it.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.test_klaviyo_delivery import event_call, profile_call
+from tests.test_klaviyo_rate_limit import most_in_any_window
 from transforms.klaviyo.client import Encoded, Response
 from transforms.klaviyo.errors import CallFailure, ErrorKind, KlaviyoCallError
 from transforms.klaviyo.rate_limit import PUBLISHED_LIMITS, Endpoint, RateLimiter, max_keys
@@ -204,18 +205,6 @@ def run_key(rng: random.Random, shards: int, scale: float, flushes: int,
         timeline.sleep(rng.choice([0.0, rng.uniform(0, 2), rng.uniform(0, 30)]) * unit)
 
 
-def most_in_any_span(times: Sequence[float], seconds: float) -> int:
-    """The most arrivals in any half-open span [t, t + seconds): every fixed window's count,
-    whatever its alignment, is at most this."""
-    ordered = sorted(times)
-    most, first = 0, 0
-    for last, time in enumerate(ordered):
-        while ordered[first] <= time - seconds:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
-
-
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**32 - 1), shards=st.integers(1, max_keys()),
        scale=st.sampled_from([1.0, 60.0]))
@@ -232,5 +221,5 @@ def test_keys_never_exceed_a_fixed_window_of_klaviyos_whatever_the_delays(
         times = [time for sent_to, time in arrivals if sent_to is endpoint]
         if not times:
             continue
-        assert most_in_any_span(times, 1 / scale) <= limit.burst_per_second, endpoint
-        assert most_in_any_span(times, 60 / scale) <= limit.steady_per_minute, endpoint
+        assert most_in_any_window(times, 1 / scale) <= limit.burst_per_second, endpoint
+        assert most_in_any_window(times, 60 / scale) <= limit.steady_per_minute, endpoint

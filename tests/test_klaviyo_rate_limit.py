@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import pytest
 
@@ -40,7 +41,8 @@ def limiter(
     scale: float = 1.0,
     share: float = 1.0,
 ) -> RateLimiter:
-    return RateLimiter(limits, scale=scale, share=share, clock=clock, sleep=clock.sleep)
+    return RateLimiter(limits, scale=scale, share=share, clock=clock, sleep=clock.sleep,
+                       wall=lambda: 1_700_000_000 + clock.now)  # the wall moves with the clock
 
 
 def grant_times(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> list[float]:
@@ -60,11 +62,16 @@ def keep_throttling(rate_limiter: RateLimiter, clock: FakeClock, count: int) -> 
         clock.sleep(0.5)
 
 
-def most_in_any_window(times: list[float], seconds: float) -> int:
+def most_in_any_window(times: Sequence[float], seconds: float) -> int:
+    """The most times in any half-open span [t, t + seconds): every fixed window's count,
+    whatever its alignment, is at most this."""
     ordered = sorted(times)
-    return max(
-        sum(1 for t in ordered[i:] if t < start + seconds) for i, start in enumerate(ordered)
-    )
+    most, first = 0, 0
+    for last, time in enumerate(ordered):
+        while ordered[first] <= time - seconds:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 def test_published_burst_then_steady_limits() -> None:
@@ -323,12 +330,7 @@ def test_a_retried_bundle_keeps_the_requests_its_failed_attempt_made() -> None:
     still knows them, and a state it wrote or read itself holds nothing newer."""
     clock = FakeClock()
     limits = {Endpoint.BULK_EVENTS: Limit(1, 60)}
-
-    def process() -> RateLimiter:  # one clock for both processes: the wall clock moves with it
-        return RateLimiter(limits, clock=clock, sleep=clock.sleep,
-                           wall=lambda: 1_700_000_000 + clock.now)
-
-    key = process()
+    key = limiter(clock, limits=limits)
     first = key.acquire(Endpoint.BULK_EVENTS)
     key.answered(Endpoint.BULK_EVENTS, first)
     committed = key.snapshot()  # the first flush's bundle commits its pacing
@@ -340,7 +342,7 @@ def test_a_retried_bundle_keeps_the_requests_its_failed_attempt_made() -> None:
     key.restore(committed)  # its retry reads the committed state
 
     assert key.acquire(Endpoint.BULK_EVENTS) == pytest.approx(second + M, abs=0.002)
-    elsewhere = process()  # another process's newer state still wins
+    elsewhere = limiter(clock, limits=limits)  # another process's newer state still wins
     elsewhere.restore(committed)
     moved = elsewhere.acquire(Endpoint.BULK_EVENTS)
     elsewhere.answered(Endpoint.BULK_EVENTS, moved)

@@ -23,7 +23,8 @@ from pipeline.local_backfill import (
     split_input,
 )
 from pipeline.options import JobSettings, OptionsError, job_settings
-from tests.klaviyo_server import KlaviyoTestServer
+from tests.klaviyo_server import BULK_EVENTS, KlaviyoTestServer
+from tests.test_klaviyo_account_limit import product_views
 from transforms.lines import BOM, split_lines
 from transforms.walkeros.config import load_config_file
 
@@ -207,9 +208,6 @@ def test_the_runs_of_a_split_backfill_share_the_account_limit(tmp_path: Path) ->
     """The runs of a split backfill go one after another in one process: each run's keys
     continue from the requests the run before made, so a run that starts inside the minute
     its predecessor used does not send a second minute's worth into it."""
-    from tests.klaviyo_server import BULK_EVENTS
-    from tests.test_klaviyo_account_limit import product_views
-
     events = tmp_path / "events.jsonl"
     product_views(events, 120, users=20)  # 24 requests of 5: more than one minute's 20
     with KlaviyoTestServer(time_scale=5.0) as server:  # a Klaviyo minute is 12 s

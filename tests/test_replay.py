@@ -189,8 +189,9 @@ def test_a_replay_is_published_with_every_original_attribute(
         except Exception as error:  # noqa: BLE001 - each name's failure is reported
             problems.append(f"{name}: {type(error).__name__}: {error}")
     received = {json.loads(m.data)["id"]: m for m in _drain(subscriber, subscription)}
+    assert set(received) == set(attributes), sorted(received)
     for name, value in attributes.items():
-        if name in received and dict(received[name].attributes) != {name: value}:
+        if dict(received[name].attributes) != {name: value}:
             problems.append(f"{name}: published with {dict(received[name].attributes)}")
     assert not problems
 

@@ -11,7 +11,6 @@ just as it would have to be to import them there.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,7 +59,7 @@ class _PlanFn(beam.DoFn):
             # A line of a file: the processing time stands in for a missing timestamp (D5).
             # Kept as the envelope's fallback time, it is the time every later stage and dead
             # letter sees, so a replay plans the event at the time it was planned at first.
-            envelope = dataclasses.replace(envelope, publish_time_ms=now_ms)
+            envelope = envelope.with_publish_time(now_ms)
         try:
             plan = self._planner.plan_event(parsed.event, now_ms=now_ms,
                                             message_id=envelope.message_id,
