@@ -29,6 +29,11 @@ about 0.25 ms per call here, eight calls per key with the two cells there were),
 (100 MB, not configurable). The cost is Beam's known one: apache/beam#30360 (a regression from
 enabling the cache; apache/beam#30362 then made it opt-in, `--max_cache_memory_usage_mb`, for
 SDK harness processes such as Dataflow's) and apache/beam#28802 (improving the cache).
+The grouped values are the planned events' encoded bytes (elements.encode_planned), decoded by
+the decision: FnApiRunner's GroupingBuffer decodes every value it groups and encodes it again
+(fn_api_runner/execution.py), so a value typed PlannedEvent was encoded twice and decoded twice
+on its way (about 16 µs); bytes pass that buffer untouched, and on Dataflow's shuffle, which
+does not decode, the cost is the same either way: one encoding, one decoding.
 Streaming keeps the stateful DoFn: state there must outlive bundles and workers. Its one cell
 (it was two, `identify_state` and `expires_at`) halves the cache's weighings of a changed key
 where the cache is on.
@@ -58,7 +63,13 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.coders import PlannedEventCoder  # noqa: F401 - registers the shuffle's coder
 from transforms.dead_letters import DEAD_LETTERS, IDENTIFY_STATE, unexpected
-from transforms.elements import OutgoingEvent, PlannedEvent, outgoing
+from transforms.elements import (
+    OutgoingEvent,
+    PlannedEvent,
+    decode_planned,
+    encode_planned,
+    outgoing,
+)
 from transforms.klaviyo.identify_state import (
     DEFAULT_MAX_SKEW_SECONDS,
     IdentifyState,
@@ -118,11 +129,11 @@ class _IdentifyInOrderFn(beam.DoFn):
     def __init__(self, max_skew_seconds: float, clock: Callable[[], float]) -> None:
         self._decide = _Decide(max_skew_seconds, clock)
 
-    def process(self, grouped: tuple[str, Iterable[PlannedEvent]]
+    def process(self, grouped: tuple[str, Iterable[bytes]]
                 ) -> Iterator[OutgoingEvent | TaggedOutput]:
         state = IdentifyState()
-        for planned in grouped[1]:
-            decided = self._decide(planned, state)
+        for encoded in grouped[1]:
+            decided = self._decide(decode_planned(encoded), state)
             if isinstance(decided, TaggedOutput):
                 yield decided
             else:
@@ -190,6 +201,16 @@ def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | T
         yield state_key(planned.plan.profile_key), planned
 
 
+def _key_or_pass_encoded(planned: PlannedEvent) -> Iterator[tuple[str, bytes] | TaggedOutput]:
+    """`_key_or_pass` for the batch grouping: the keyed value is the event's bytes (module
+    docstring)."""
+    if planned.plan.profile is None:
+        yield TaggedOutput(_EVENT_ONLY, planned)
+    else:
+        assert planned.plan.profile_key is not None  # a plan with a profile has a key
+        yield state_key(planned.plan.profile_key), encode_planned(planned)
+
+
 def state_key(profile_key: str) -> str:
     """The key of a profile's state: the profile key, unless it holds a lone surrogate (JSON
     may escape one, `"\\ud800"`), which Beam's key coder (strict UTF-8) cannot encode: then
@@ -218,13 +239,15 @@ class ApplyIdentifyState(beam.PTransform):
         self.clock = clock
 
     def expand(self, planned: beam.PCollection) -> tuple[Parts, beam.PCollection]:
-        routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
-            tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
         if planned.pipeline.options.view_as(StandardOptions).streaming:
+            routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
+                tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
             decide: beam.PTransform = beam.ParDo(_IdentifyStateFn(
                 self.ttl_seconds, self.max_skew_seconds, self.clock))
             keyed = routed.keyed
         else:
+            routed = planned | "route" >> beam.FlatMap(_key_or_pass_encoded).with_output_types(
+                tuple[str, bytes]).with_outputs(_EVENT_ONLY, main="keyed")
             decide = beam.ParDo(_IdentifyInOrderFn(self.max_skew_seconds, self.clock))
             keyed = routed.keyed | "group" >> beam.GroupByKey()
         decided = keyed | "decide" >> decide.with_output_types(OutgoingEvent).with_outputs(

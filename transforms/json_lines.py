@@ -20,7 +20,9 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import window
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.lines import to_json_line
 from transforms.parts import Parts, as_parts, flatten, label
@@ -64,6 +66,35 @@ class _JsonLines:
             yield to_json_line(value)
 
 
+class _JsonLineChunks(beam.DoFn):
+    """`_JsonLines` for a bounded file output in the global window: a bundle's lines leave as a
+    few elements of up to CHUNK_LINES lines joined by `\\n`, which the text sink writes as
+    they are (one record per element, each followed by `\\n`): the same file. Each line costs
+    the flatten's encoding, the sink's windowing and its write call once per chunk instead of
+    once per line (about 5 µs a line on FnApiRunner)."""
+
+    CHUNK_LINES = 1000
+
+    def __init__(self, to_values: Callable[[Any], Iterable[Any]]) -> None:
+        self._lines = _JsonLines(to_values)
+        self._chunk: list[str] = []
+
+    def start_bundle(self) -> None:
+        self._chunk = []
+
+    def process(self, element: Any) -> Iterator[str]:
+        self._chunk.extend(self._lines(element))
+        if len(self._chunk) >= self.CHUNK_LINES:
+            yield "\n".join(self._chunk)
+            self._chunk = []
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        if self._chunk:
+            yield WindowedValue("\n".join(self._chunk), GlobalWindow().max_timestamp(),
+                                (GlobalWindow(),))
+            self._chunk = []
+
+
 class WriteJsonLines(beam.PTransform):
     """Elements (one PCollection or parts: transforms/parts.py) → JSON Lines at `destination`:
     `-` for stdout, else a file path prefix (local or gs://). `to_values` makes each element any
@@ -82,13 +113,19 @@ class WriteJsonLines(beam.PTransform):
         self.clock = clock
 
     def expand(self, values: beam.PCollection | Parts) -> beam.PCollection:
+        parts = as_parts(values)
+        if self.destination != STDOUT and not self.streaming and all(
+                isinstance(part.windowing.windowfn, window.GlobalWindows) for part in parts):
+            chunks = flatten(tuple(part | label("to_json", index) >> beam.ParDo(
+                _JsonLineChunks(self.to_values)).with_output_types(str)
+                for index, part in enumerate(parts)), "lines")
+            return chunks | "write" >> beam.io.WriteToText(self.destination,
+                                                           file_name_suffix=SUFFIX)
         lines = flatten(tuple(part | label("to_json", index) >> beam.FlatMap(
             _JsonLines(self.to_values)).with_output_types(str)
-            for index, part in enumerate(as_parts(values))), "lines")
+            for index, part in enumerate(parts)), "lines")
         if self.destination == STDOUT:
             return lines | "print" >> beam.Map(_print_line)
-        if not self.streaming:
-            return lines | "write" >> beam.io.WriteToText(self.destination, file_name_suffix=SUFFIX)
         directory, prefix = FileSystems.split(self.destination)
         return (lines
                 | "stamp" >> beam.ParDo(_StampNow(self.clock))
