@@ -453,6 +453,47 @@ def test_the_next_request_is_encoded_while_one_is_in_flight() -> None:
             if what == "encode" and batch > 0] == [True, True]
 
 
+class LoggingLimiter(RateLimiter):
+    """A limiter that writes each grant into a client's log."""
+
+    def __init__(self, log: list[tuple[str, int, str]]) -> None:
+        super().__init__()
+        self.log = log
+
+    def acquire(self, endpoint: Endpoint, *, deadline: float) -> float | None:
+        granted = super().acquire(endpoint, deadline=deadline)
+        self.log.append(("granted", -1, threading.current_thread().name))
+        return granted
+
+
+class SlowFirstEncodingClient(OverlapClient):
+    """An OverlapClient whose first encoding takes a while (a big body on a busy CPU)."""
+
+    def encode_bulk_events(self, body: Mapping[str, Any]) -> Encoded:
+        encoded = super().encode_bulk_events(body)
+        if encoded.payload == b"0":
+            time.sleep(0.1)
+        return encoded
+
+
+def test_the_next_request_is_encoded_only_once_the_one_before_is_granted() -> None:
+    """Encoding ahead starts when the request before goes, not before: at the end of a batch
+    job every key prepares its first request at once, and the keys' second encodings must not
+    hold up the first requests (bench/pipeline_throughput.py)."""
+    client = SlowFirstEncodingClient(batches=3)
+    sender = KlaviyoSender(client, LoggingLimiter(client.log),  # type: ignore[arg-type]
+                           Retrier(RetryPolicy()), max_events_per_request=2)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(6)]
+
+    assert sender.send_events(calls, deadline=soon()) == [Delivered()] * 6
+
+    steps = [what if what != "encode" else f"encode {batch}" for what, batch, _ in client.log]
+    grants = [index for index, step in enumerate(steps) if step == "granted"]
+    assert len(grants) == 3
+    assert steps.index("encode 1") > grants[0]
+    assert steps.index("encode 2") > grants[1]
+
+
 class SlowRoadClient:
     """A client on a fake clock whose requests spend a while on their way to Klaviyo, a
     different while each time (a busy CPU, the network), before they arrive and are counted."""

@@ -22,6 +22,9 @@
   sent (one upsert per profile). FnApiRunner runs a stateful stage's keys one after another in
   one bundle, so there the window-end flushes go to a thread pool, one thread per key, and
   `finish_bundle` emits their dead letters: shards send concurrently as on a real cluster.
+  They start together, in `finish_bundle`, once every key's state is taken: a flush started
+  from its own timer competed for the interpreter lock with the bundle thread still reading
+  the next keys' buffers, and the last keys started up to 0.4 s after the first.
 - **State is cheap to hold**: the buffer, the carried-over work and the profile memory are
   bytes with explicit coders (elements.py, flush.py), nothing pickled by class path.
 - **Constant cost per element (streaming).** An SDK harness with a state cache
@@ -47,7 +50,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -504,7 +507,7 @@ class _SendFlushes(beam.DoFn):
         self._account = ""
         self._senders: dict[str, tuple[KlaviyoSender, Tally, RateLimiter]] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._running: list[tuple[Future[list[DeadLetterRecord]], Tally]] = []
+        self._flushes: list[tuple[Callable[[], list[DeadLetterRecord]], Tally]] = []
 
     def setup(self) -> None:
         settings = self._settings
@@ -614,10 +617,14 @@ class _SendFlushes(beam.DoFn):
                 gc.freeze()
             flush.run_to_end(*decoded)
             return flush.dead
-        self._running.append((self._pool.submit(run), tally))
+        self._flushes.append((run, tally))
 
     def finish_bundle(self) -> Iterable[WindowedValue]:
-        running, self._running = self._running, []
+        flushes, self._flushes = self._flushes, []
+        if not flushes:
+            return
+        assert self._pool is not None, "only a batch run's window ends queue flushes"
+        running = [(self._pool.submit(run), tally) for run, tally in flushes]
         for future, tally in running:
             dead = future.result()  # a refused key raises here and stops the job
             tally.report()
