@@ -113,6 +113,12 @@ class Fault:
         """An HTML 403 Cloudflare challenge page with `cf-mitigated: challenge`."""
         return cls("challenge", status=403)
 
+    @classmethod
+    def html_page(cls) -> Fault:
+        """A 200 with an HTML page instead of Klaviyo's answer (a proxy or captive portal),
+        storing nothing."""
+        return cls("html_page", status=200)
+
 
 @dataclass(frozen=True)
 class LoggedRequest:
@@ -681,6 +687,7 @@ _ANSWERING_FAULTS: dict[str, Callable[[Fault], _Answer]] = {
     "challenge": lambda fault: _Answer(
         403, None, {"Content-Type": "text/html; charset=UTF-8", "cf-mitigated": "challenge"}
     ),
+    "html_page": lambda fault: _Answer(200, None, {"Content-Type": "text/html; charset=UTF-8"}),
 }
 
 

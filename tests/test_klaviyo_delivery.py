@@ -176,6 +176,7 @@ def assert_stored_exactly_once(server: KlaviyoTestServer, count: int) -> None:
         Fault.error(503),
         Fault.error(504),
         Fault.challenge(),
+        Fault.html_page(),
         Fault.drop_after_write(),
     ],
     ids=lambda fault: f"{fault.kind}{fault.status or ''}",
@@ -845,6 +846,58 @@ def test_bulk_profile_import_is_started_then_polled_and_maps_its_errors_back(
     assert klaviyo_server.statuses(BULK_PROFILE_IMPORT) == [503, 202]
     assert klaviyo_server.statuses(IMPORT_JOB) == [500, 200, 200]
     assert klaviyo_server.statuses(IMPORT_ERRORS) == [200, 200]
+
+
+def test_a_page_that_is_not_klaviyos_answer_is_a_transient_failure_on_every_endpoint(
+    klaviyo_server: KlaviyoTestServer,
+) -> None:
+    """A 200 with an HTML page (a proxy, a captive portal) is not Klaviyo's answer: nothing was
+    stored, so it is retried like a 5xx on every endpoint, never taken for a success nor
+    crashing the flush (the SDK's response handling raised AttributeError on such a body, and
+    a bulk events or import request took it as accepted)."""
+    for route in (BULK_EVENTS, PROFILE_IMPORT, BULK_PROFILE_IMPORT, IMPORT_JOB, IMPORT_ERRORS):
+        klaviyo_server.inject(route, Fault.html_page())
+    metrics = RecordingMetrics()
+    sender = make_sender(klaviyo_server, metrics=metrics)
+
+    events = sender.send_events(many_events(3), deadline=soon())
+    profile = sender.send_profile(profile_call(email="ann@example.com"), deadline=soon())
+    imports = [profile_call(email="bea@example.com"), profile_call(email="bad-address")]
+    jobs, outcomes = sender.start_profile_import(imports, deadline=soon())
+    ((job, indexes),) = jobs
+    polls = [sender.poll_profile_import(job, [imports[i] for i in indexes], deadline=soon())
+             for _ in range(4)]
+
+    assert events == [Delivered()] * 3
+    assert_stored_exactly_once(klaviyo_server, 3)
+    assert profile == Delivered()
+    assert klaviyo_server.profile(email="ann@example.com") == {"email": "ann@example.com"}
+    assert outcomes == {}
+    job_page, running, errors_page, done = polls  # a page instead of the job, of its errors
+    assert job_page is not None and all(isinstance(o, Pending) for o in job_page)
+    assert running is None
+    assert errors_page is not None and all(isinstance(o, Pending) for o in errors_page)
+    assert done is not None and done[0] == Delivered() and isinstance(done[1], DeadLetter)
+    for route in (BULK_EVENTS, PROFILE_IMPORT, BULK_PROFILE_IMPORT, IMPORT_JOB, IMPORT_ERRORS):
+        assert klaviyo_server.statuses(route)[0] == 200  # the page, then the real answers
+    assert metrics.counts["bulk_events_requests_unexpected_response"] == 1
+    assert metrics.counts["profile_import_requests_unexpected_response"] == 1
+
+
+def test_a_page_that_keeps_coming_dead_letters_with_what_it_was(
+    klaviyo_server: KlaviyoTestServer,
+) -> None:
+    klaviyo_server.inject(PROFILE_IMPORT, *[Fault.html_page()] * 10)
+    fake = FakeTime()
+    sender = make_sender(klaviyo_server, retrier=fake.retrier(1, 1), clock=fake)
+
+    outcome = sender.send_profile(profile_call(email="ann@example.com"), deadline=2.0)
+
+    assert isinstance(outcome, Pending)
+    assert outcome.failure is not None
+    assert outcome.failure.label == "unexpected_response"
+    assert "text/html" in outcome.failure.summary
+    assert "not an answer of the Klaviyo API" in outcome.failure.summary
 
 
 def test_an_import_job_not_submitted_in_time_is_pending(

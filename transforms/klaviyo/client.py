@@ -52,7 +52,12 @@ from pydantic import BaseModel, ValidationError
 from urllib3.util import Retry
 
 from transforms.collector import cyclic_gc_paused
-from transforms.klaviyo.errors import CALL_EXCEPTIONS, KlaviyoCallError, classify
+from transforms.klaviyo.errors import (
+    CALL_EXCEPTIONS,
+    KlaviyoCallError,
+    NotKlaviyosAnswer,
+    classify,
+)
 from transforms.klaviyo.wire import dumps
 
 IMPORT_ERRORS_PAGE_SIZE = 100  # the API's maximum
@@ -104,7 +109,8 @@ class _RESTClient(RESTClientObject):
     def request(self, method: str, url: str, headers: Any = None, body: Any = None,
                 post_params: Any = None, _request_timeout: Any = None) -> RESTResponse:
         if not isinstance(body, Encoded):
-            return super().request(method, url, headers, body, post_params, _request_timeout)
+            return _klaviyos(super().request(method, url, headers, body, post_params,
+                                             _request_timeout))
         connect, read = _request_timeout
         try:
             response = self.pool_manager.request(
@@ -112,7 +118,19 @@ class _RESTClient(RESTClientObject):
                 timeout=urllib3.Timeout(connect=connect, read=read))
         except urllib3.exceptions.SSLError as error:  # as the SDK reports it
             raise ApiException(status=0, reason=f"{type(error).__name__}\n{error}") from None
-        return RESTResponse(response)
+        return _klaviyos(RESTResponse(response))
+
+
+def _klaviyos(answer: RESTResponse) -> RESTResponse:
+    """`answer`, unless it is a 2xx with a body that is not JSON: a page of a proxy or captive
+    portal in front of the API, which the SDK would take for a success (an empty dict for a
+    bulk request: events lost) or fail on with an AttributeError. Error statuses are the SDK's
+    business (a Cloudflare challenge is an HTML 403: errors.py)."""
+    if 200 <= answer.status < 300:
+        content_type = answer.getheader("Content-Type") or ""
+        if answer.read() and "json" not in content_type.lower():
+            raise NotKlaviyosAnswer(answer.status, content_type or "without a content type")
+    return answer
 
 
 class KlaviyoClient:
@@ -225,7 +243,11 @@ class KlaviyoClient:
             scrubbed = replace(failure, summary=failure.summary.replace(self._api_key, "***"))
             # `from None`: the SDK exception (headers and all) must not ride along in tracebacks.
             raise KlaviyoCallError(scrubbed) from None
-        return Response(result.status_code, result.data or {})
+        data = result.data or {}
+        if not isinstance(data, dict):  # JSON, but not the object every endpoint answers with
+            raise KlaviyoCallError(classify(NotKlaviyosAnswer(
+                result.status_code, f"JSON {type(data).__name__}"))) from None
+        return Response(result.status_code, data)
 
 
 def next_page_cursor(page: Response) -> str | None:

@@ -3,7 +3,8 @@
 Every failure of a call becomes one `CallFailure` value with a `kind`:
 
 - TRANSIENT: the same request may succeed later (429, 5xx, timeouts, dropped connections, a
-  Cloudflare challenge page). The retry layer retries these until its deadline.
+  Cloudflare challenge page, a 2xx page that is not the API's answer: a proxy's or a captive
+  portal's HTML). The retry layer retries these until its deadline.
 - PERMANENT: this item (or the bulk entry a JSON pointer names) will never be accepted as sent
   (400, 404, 409, 413, client-side validation). It goes to the dead letters.
 - CONFIGURATION: nothing will be accepted until a human fixes the API key or its scopes (401, a
@@ -74,10 +75,20 @@ class KlaviyoConfigurationError(RuntimeError):
     """The API key is wrong or lacks a scope: stop the job, every further call would fail too."""
 
 
+class NotKlaviyosAnswer(Exception):
+    """A 2xx answer that is not the Klaviyo API's: a body that is not JSON (a proxy's page), or
+    not the JSON object the endpoint answers with. Nothing says the request arrived."""
+
+    def __init__(self, status: int, what: str) -> None:
+        super().__init__(f"HTTP {status} {what}: not an answer of the Klaviyo API")
+        self.status = status
+
+
 # Exceptions a call can raise that describe the call's fate rather than a bug in our code.
 CALL_EXCEPTIONS: tuple[type[BaseException], ...] = (
     ApiException,
     ValidationError,
+    NotKlaviyosAnswer,
     urllib3.exceptions.HTTPError,
     OSError,
 )
@@ -89,6 +100,9 @@ def classify(exc: BaseException) -> CallFailure:
         return _classify_http(exc)
     if isinstance(exc, ValidationError):
         return _classify_validation(exc)
+    if isinstance(exc, NotKlaviyosAnswer):
+        return CallFailure(ErrorKind.TRANSIENT, "unexpected_response", _clip(str(exc)),
+                           exc.status)
     if _is_timeout(exc):
         return CallFailure(ErrorKind.TRANSIENT, "timeout", _clip(f"timeout: {exc}"))
     return CallFailure(ErrorKind.TRANSIENT, "connection", _clip(f"{type(exc).__name__}: {exc}"))
