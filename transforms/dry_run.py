@@ -10,7 +10,7 @@ One line per call, in no particular order:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
@@ -21,12 +21,13 @@ from transforms.metrics import counter
 from transforms.parts import Parts, as_parts
 
 
-def dry_run_records(outgoing: OutgoingEvent) -> Iterator[dict[str, Any]]:
+def dry_run_records(outgoing: OutgoingEvent) -> list[dict[str, Any]]:
     """The lines written for one event's calls (as a fresh sink would send them), each
     counted as `dry_run_calls`."""
-    for call in outgoing.planned_calls():
-        counter("dry_run_calls").inc()
-        yield {"event_id": outgoing.event_id, "method": call.method, "body": call.body}
+    calls = outgoing.planned_calls()
+    counter("dry_run_calls").inc(len(calls))
+    return [{"event_id": outgoing.event_id, "method": call.method, "body": call.body}
+            for call in calls]
 
 
 class WriteDryRun(beam.PTransform):

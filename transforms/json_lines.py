@@ -61,9 +61,8 @@ class _JsonLines:
     def __init__(self, to_values: Callable[[Any], Iterable[Any]]) -> None:
         self.to_values = to_values
 
-    def __call__(self, element: Any) -> Iterator[str]:
-        for value in self.to_values(element):
-            yield to_json_line(value)
+    def __call__(self, element: Any) -> list[str]:
+        return [to_json_line(value) for value in self.to_values(element)]
 
 
 class _JsonLineChunks(beam.DoFn):
