@@ -21,9 +21,11 @@ import argparse
 import base64
 import json
 import sys
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, BinaryIO
 
 from transforms.dead_letters import STAGES
@@ -62,10 +64,19 @@ def _publish_time_ms(record: dict[str, Any]) -> float | None:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def replay_of(record: dict[str, Any]) -> Replay:
-    """The message to replay for one dead-letter record (module docstring)."""
+def replay_of(record: dict[str, Any], *, id_attribute: str | None = None,
+              run: str = "") -> Replay:
+    """The message to replay for one dead-letter record (module docstring).
+
+    `id_attribute`: the job's `--input_id_attribute`. Dataflow drops a message whose value of
+    it was seen lately (Beam's `id_label`: publisher retries), so a replay soon after the first
+    delivery would be dropped unseen. The replay's value is the original one with `~replay-`
+    and the replay `run`'s token after it; the event keeps its id in the payload, so what
+    Klaviyo deduplicates by does not change."""
     original = decode_payload(record)
     attributes = dict(record.get("attributes") or {})
+    if id_attribute and id_attribute in attributes:
+        attributes[id_attribute] = f"{attributes[id_attribute]}~replay-{run}"
     ordering_key = record.get("ordering_key") or None
     return Replay(_with_planned_id_and_time(original, record), attributes, ordering_key)
 
@@ -295,6 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--topic", help="projects/P/topics/T: the streaming job's input topic")
     parser.add_argument("--stage", action="append", dest="stages", choices=STAGES,
                         help="replay only these stages (repeatable; default: all)")
+    parser.add_argument("--input_id_attribute", metavar="NAME",
+                        help="the job's --input_id_attribute: each replay gets a fresh value of "
+                             "it, which Dataflow's de-duplication does not drop")
     return parser
 
 
@@ -303,12 +317,15 @@ def _replay(args: argparse.Namespace) -> tuple[int, int]:
     wanted = set(args.stages or STAGES)
     seen: set[tuple[Any, ...]] = set()
     replayed = matching = 0
+    if args.input_id_attribute and not args.topic:
+        raise ReplayError("--input_id_attribute is for replays to a --topic")
+    message = partial(replay_of, id_attribute=args.input_id_attribute, run=uuid.uuid4().hex[:12])
     target = Target(args.topic, args.output)
     if args.dead_letters:
         records = [record for record in read_files(args.dead_letters)
                    if record["stage"] in wanted]  # all checked before anything is written
         for record in unique_messages(records, seen):
-            target.write(replay_of(record))
+            target.write(message(record))
             replayed += 1
         target.close()
         return replayed, len(records)
@@ -323,7 +340,7 @@ def _replay(args: argparse.Namespace) -> tuple[int, int]:
                     continue
                 matching += 1
                 for unique in unique_messages([pulled.record], seen):
-                    target.write(replay_of(unique))
+                    target.write(message(unique))
                     replayed += 1
             target.flush()
             source.forwarded(pending)  # acknowledged only once their replays are stored

@@ -241,3 +241,33 @@ def test_a_replayed_publish_time_is_the_millisecond_written() -> None:
     payload = b'{"name": "a b", "id": "x"}'
     replayed = json.loads(replay_of(record(payload, publish_time=iso_time(published))).payload)
     assert replayed["timestamp"] == published
+
+
+def test_a_replay_gets_a_fresh_value_of_the_jobs_id_attribute() -> None:
+    """Dataflow drops a message whose `--input_id_attribute` value it saw lately: a replay
+    soon after the first delivery would be dropped unseen. With the job's attribute named,
+    each replay run gives it a value of its own; the event keeps its id in the payload."""
+    dead = record(b'{"name": "a b", "id": "e-1"}', attributes={"event_id": "e-1", "src": "web"})
+
+    first, second = (replay_of(dead, id_attribute="event_id", run=run) for run in ("r1", "r2"))
+    plain = replay_of(dead)
+
+    assert first.attributes == {"event_id": "e-1~replay-r1", "src": "web"}
+    assert second.attributes["event_id"] != first.attributes["event_id"]
+    assert plain.attributes == {"event_id": "e-1", "src": "web"}
+    assert first.payload == plain.payload
+    assert replay_of(record(b"{}"), id_attribute="event_id", run="r1").attributes == \
+        {"src": "web"}  # no value to repeat: nothing added
+
+
+def test_the_id_attribute_is_refused_without_a_topic(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dead = tmp_path / "dead.jsonl"
+    dead.write_text(json.dumps(record(b'{"name": "a b"}')) + "\n")
+
+    code = main(["--dead_letters", str(dead), "--output", str(tmp_path / "out.jsonl"),
+                 "--input_id_attribute", "event_id"])
+
+    assert code == 2
+    assert "--input_id_attribute is for replays to a --topic" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
