@@ -56,7 +56,7 @@ def counter_totals(result: PipelineResult) -> dict[str, int]:
 
 # Where each input record ended: exactly one of these, so they add up to "events in".
 _OUTCOMES = (dead_letter_counter_name(PARSE), dead_letter_counter_name(PLAN), "ignored",
-             "consent", "no_identifier", "events_planned", "identify_only")
+             "consent", "no_identifier", "events_planned", "identify_only", "nothing_to_send")
 
 
 def print_summary(totals: dict[str, int], out: TextIO) -> None:

@@ -136,6 +136,21 @@ def test_outcomes_are_counted(run: Any) -> None:
                         "dry_run_calls": 5}
 
 
+def test_an_event_with_nothing_to_send_is_a_counted_skip() -> None:
+    """A silent rule (no event) without identify (no upsert) plans no call: counted as such,
+    not as an identify-only event, and nothing goes on to the later stages."""
+    config = load_config({"mapping": {"page": {"scroll": {"silent": True}}}}).config
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    calls, _ = pipeline | beam.Create([_message(
+        {"name": "page scroll", "id": "e-1", "user": USER}, "m-1")]) | PlanCalls(
+        config, ttl_seconds=86_400, clock=lambda: NOW_S)
+    calls | "flatten" >> beam.Flatten() | "calls" >> beam.FlatMap(dry_run_records)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    assert counter_totals(result) == {"events_in": 1, "nothing_to_send": 1}
+
+
 def test_element_timestamp_stands_in_for_a_missing_publish_time() -> None:
     message = PubsubMessage(b"{}", {}, message_id="m")
     assert envelope_of(message, Timestamp(1_764_000_000)).publish_time_ms == 1_764_000_000_000

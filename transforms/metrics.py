@@ -25,6 +25,7 @@ COUNTERS: tuple[tuple[str, str], ...] = (
     ("plan_warnings", "values coerced away (warnings)"),
     ("events_planned", "events planned"),
     ("identify_only", "identify only (a profile, no event)"),
+    ("nothing_to_send", "nothing to send (a silent rule without identify)"),
     ("profiles_planned", "profile upserts planned"),
     ("profiles_unchanged", "profile upserts skipped: unchanged"),
     ("profiles_out_of_order", "profile upserts skipped: older than newest"),

@@ -1,7 +1,8 @@
 """Stage `plan`: a walkerOS event → the Klaviyo calls it asks for (transforms/klaviyo/plan.py).
 
-Consent-denied, ignored and no-identifier events are counted and dropped (port.md D8); an event
-that turns invalid under the mapping (a non-numeric timestamp after `policy`) is a dead letter.
+Consent-denied, ignored and no-identifier events are counted and dropped (port.md D8), and so is
+an event that asks for no call (a silent rule without identify); an event that turns invalid
+under the mapping (a non-numeric timestamp after `policy`) is a dead letter.
 
 The DoFn gets the destination config as loaded at pipeline construction, not the file: `$env.`
 references are resolved where the job is launched (workers have another environment), and
@@ -38,6 +39,9 @@ def route(envelope: Envelope, plan: EventPlan) -> Iterator[PlannedEvent | Tagged
         return
     if plan.warnings:
         counter("plan_warnings").inc(len(plan.warnings))
+    if plan.event is None and plan.profile is None:  # a silent rule without identify
+        counter("nothing_to_send").inc()
+        return
     counter("events_planned" if plan.event is not None else "identify_only").inc()
     yield PlannedEvent(envelope, plan)
 
