@@ -88,13 +88,15 @@ class _JsonLineChunks(beam.DoFn):
         self._chars = 0
 
     def process(self, element: Any) -> Iterator[str]:
-        chunk = self._chunk
+        chunk, chars = self._chunk, self._chars
         for line in self._lines(element):
             chunk.append(line)
-            self._chars += len(line)
-        if len(chunk) >= self.CHUNK_LINES or self._chars >= self.CHUNK_CHARS:
+            chars += len(line)
+        if len(chunk) >= self.CHUNK_LINES or chars >= self.CHUNK_CHARS:
             self._chunk, self._chars = [], 0
             yield "\n".join(chunk)
+        else:
+            self._chars = chars
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         if self._chunk:
