@@ -25,7 +25,12 @@ from tests.klaviyo_server import (
     KlaviyoTestServer,
 )
 from transforms.klaviyo.client import Encoded, KlaviyoClient, Response
-from transforms.klaviyo.errors import ErrorKind, KlaviyoConfigurationError
+from transforms.klaviyo.errors import (
+    CallFailure,
+    ErrorKind,
+    KlaviyoCallError,
+    KlaviyoConfigurationError,
+)
 from transforms.klaviyo.rate_limit import Endpoint, Limit, RateLimiter
 from transforms.klaviyo.retry import Retrier, RetryPolicy
 from transforms.klaviyo.sender import (
@@ -963,3 +968,83 @@ def test_the_api_key_never_appears_in_errors_reprs_or_logs(
     assert "retrying" in caplog.text
     for text in [*seen, caplog.text]:
         assert SECRET not in text
+
+
+class FakeClockClient:
+    """Bulk events on a fake clock: each request takes `took` seconds of it, batch 0's first
+    attempt may be throttled (429); every encoding is logged with its thread."""
+
+    def __init__(self, clock: FakeTime, took: float, throttle_first: bool = False) -> None:
+        self.clock = clock
+        self.took = took
+        self.throttle_first = throttle_first
+        self.log: list[tuple[str, int, str]] = []
+
+    def encode_bulk_events(self, body: Mapping[str, Any]) -> Encoded:
+        entries = body["data"]["attributes"]["events-bulk-create"]["data"]
+        first = entries[0]["attributes"]["events"]["data"][0]["attributes"]["unique_id"]
+        batch = int(first.removeprefix("evt-")) // 2
+        self.log.append(("encode", batch, threading.current_thread().name))
+        return Encoded(str(batch).encode())
+
+    def bulk_create_events(self, body: Encoded) -> Response:
+        batch = int(body.payload)
+        self.log.append(("send", batch, threading.current_thread().name))
+        self.clock.now += self.took
+        if self.throttle_first:
+            self.throttle_first = False
+            raise KlaviyoCallError(CallFailure(ErrorKind.TRANSIENT, "429", "HTTP 429", 429,
+                                               retry_after=1.0))
+        return Response(202, {})
+
+
+def _encode_threads_end(before: set[threading.Thread]) -> bool:
+    """Whether every helper thread of an encoding ahead started since `before` has ended (they
+    end on their own once their send closed them; up to 5 s for that)."""
+    for _ in range(500):
+        if not any(thread.name.startswith("sink-encode")
+                   for thread in set(threading.enumerate()) - before):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_once_the_deadline_passes_between_batches_nothing_more_is_encoded() -> None:
+    """Batch 0's request ends after the deadline: batch 1 was encoded at its grant (before the
+    deadline), batch 2 never is; the rest is Pending, and the helper thread ends."""
+    clock = FakeTime()
+    client = FakeClockClient(clock, took=100.0)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=2)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(6)]
+    before = set(threading.enumerate())
+
+    outcomes = sender.send_events(calls, deadline=clock() + 50)
+
+    assert outcomes[:2] == [Delivered()] * 2
+    assert [type(outcome) for outcome in outcomes[2:]] == [Pending] * 4
+    assert [(what, batch) for what, batch, _ in client.log] == [
+        ("encode", 0), ("encode", 1), ("send", 0)] or [
+        (what, batch) for what, batch, _ in client.log] == [
+        ("encode", 0), ("send", 0), ("encode", 1)]
+    assert _encode_threads_end(before)
+
+
+def test_a_retried_request_encodes_the_next_one_once() -> None:
+    """Batch 0 is granted twice (a 429, then its retry): batch 1 is encoded once, ahead, and
+    every call is delivered."""
+    clock = FakeTime()
+    client = FakeClockClient(clock, took=0.1, throttle_first=True)
+    limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+    sender = KlaviyoSender(client, limiter, clock.retrier(0.01, 0.05),  # type: ignore[arg-type]
+                           max_events_per_request=2)
+    calls = [event_call(f"evt-{i}", email=f"p{i}@example.com") for i in range(6)]
+    before = set(threading.enumerate())
+
+    assert sender.send_events(calls, deadline=clock() + 600) == [Delivered()] * 6
+
+    encodings = Counter(batch for what, batch, _ in client.log if what == "encode")
+    assert encodings == {0: 1, 1: 1, 2: 1}
+    assert [batch for what, batch, _ in client.log if what == "send"] == [0, 0, 1, 2]
+    assert _encode_threads_end(before)

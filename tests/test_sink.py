@@ -234,3 +234,47 @@ def test_waiting_is_counted_as_throttling(klaviyo_server: KlaviyoTestServer) -> 
     dead, counters = run_sink([event_call(index) for index in range(3)], settings(klaviyo_server))
     assert dead == [] and counters["events_delivered"] == 3
     assert counters["cumulativeThrottlingSeconds"] >= 1
+
+
+def test_every_keys_dead_letters_and_counts_reach_the_end_of_a_batch_job(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    """Four keys flushed together at the end of a batch job (finish_bundle), each with several
+    requests (encoded ahead from each grant), dead letters in first and later requests of
+    several keys, refused by Klaviyo (400) or by the SDK: each dead letter once, every other
+    event stored once, and the counts of every key's flush reported."""
+    calls = [event_call(index) for index in range(400)]
+    old = list(range(3, 400, 37))  # Klaviyo answers 400 for these
+    refused = list(range(20, 400, 53))  # the SDK refuses these before sending
+    for index in old:
+        calls[index] = event_call(index, time="1999-12-31T00:00:00.000Z")
+    for index in refused:
+        calls[index] = event_call(index, value="a lot")
+    bad = sorted(set(old) | set(refused))
+    sink = settings(klaviyo_server, shards=4, batch_max_events=20)
+    assert len({shard_key(call, 4) for index, call in enumerate(calls) if index in bad}) > 1
+
+    dead, counters = run_sink(calls, sink)
+
+    assert sorted(record["event_id"] for record in dead) == sorted(f"e-{i}" for i in bad)
+    assert sorted(klaviyo_server.stored_unique_ids()) == sorted(
+        f"e-{i}" for i in range(400) if i not in bad)
+    assert counters["events_delivered"] == 400 - len(bad)
+    assert counters["dead_letters_sink_400"] == len(set(old) - set(refused))
+    assert counters["dead_letters_sink_invalid_request"] == len(refused)
+    requests = sum(value for name, value in counters.items()
+                   if name.startswith("bulk_events_requests_"))
+    assert requests == len(klaviyo_server.statuses(BULK_EVENTS)) > 4 * 5
+
+
+def test_a_refused_key_stops_a_job_of_many_keys_after_one_request_each(
+        klaviyo_server: KlaviyoTestServer) -> None:
+    """Every key's flush starts at once at the end of a batch job: each stops at its first
+    refusal, and the job stops with the sink's configuration error, the key not in it."""
+    wrong = settings(klaviyo_server, api_key=ApiKeySource(literal="pk_wrong_key"), shards=4,
+                     batch_max_events=10)
+    with pytest.raises(Exception) as error:
+        run_batch([event_call(index) for index in range(200)], wrong)
+    assert "KlaviyoConfigurationError" in repr(error.value) or isinstance(
+        error.value, KlaviyoConfigurationError)
+    assert "pk_wrong_key" not in str(error.value)
+    assert 1 <= len(klaviyo_server.statuses(BULK_EVENTS)) <= 4
