@@ -35,6 +35,8 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -109,8 +111,7 @@ class _RESTClient(RESTClientObject):
     def request(self, method: str, url: str, headers: Any = None, body: Any = None,
                 post_params: Any = None, _request_timeout: Any = None) -> RESTResponse:
         if not isinstance(body, Encoded):
-            return _klaviyos(super().request(method, url, headers, body, post_params,
-                                             _request_timeout))
+            return super().request(method, url, headers, body, post_params, _request_timeout)
         connect, read = _request_timeout
         try:
             response = self.pool_manager.request(
@@ -118,19 +119,50 @@ class _RESTClient(RESTClientObject):
                 timeout=urllib3.Timeout(connect=connect, read=read))
         except urllib3.exceptions.SSLError as error:  # as the SDK reports it
             raise ApiException(status=0, reason=f"{type(error).__name__}\n{error}") from None
-        return _klaviyos(RESTResponse(response))
+        return RESTResponse(response)
 
 
-def _klaviyos(answer: RESTResponse) -> RESTResponse:
-    """`answer`, unless it is a 2xx with a body that is not JSON: a page of a proxy or captive
-    portal in front of the API, which the SDK would take for a success (an empty dict for a
-    bulk request: events lost) or fail on with an AttributeError. Error statuses are the SDK's
-    business (a Cloudflare challenge is an HTML 403: errors.py)."""
-    if 200 <= answer.status < 300:
-        content_type = answer.getheader("Content-Type") or ""
-        if answer.read() and "json" not in content_type.lower():
-            raise NotKlaviyosAnswer(answer.status, content_type or "without a content type")
-    return answer
+_CHARSET = re.compile(r"charset=([a-zA-Z\-\d]+)[\s;]?")  # the SDK's (response_deserialize)
+
+
+def _klaviyos(deserialize: Callable[..., Any], response_data: RESTResponse,
+              response_types_map: Mapping[str, str | None] | None = None,
+              exclude_none: bool = False) -> Any:
+    """The ApiClient's `response_deserialize`, for a 2xx only once it is the Klaviyo API's
+    answer: the SDK takes whatever it reads for a success (an empty dict where a bulk events
+    request expects no body: events lost) or fails on it with an AttributeError or a
+    UnicodeDecodeError (a body that is not a JSON object where the endpoint answers one).
+
+    A 2xx the SDK reads (its status has a response type: profile import 200/201, bulk import
+    202, the GETs' 200) must carry a JSON object; one it does not read (bulk events' 202, any
+    204) may be empty, and anything else in it must be a JSON object too. JSON is what a
+    Content-Type naming json says (`application/vnd.api+json; charset=utf-8`, any case), read
+    as the SDK reads it (its charset, `json.loads`). Error statuses are the SDK's business (a
+    Cloudflare challenge is an HTML 403: errors.py)."""
+    status = response_data.status
+    if 200 <= status <= 299:
+        types = response_types_map or {}
+        read = types.get(str(status)) or types.get(f"{str(status)[0]}XX")
+        _check_answer(response_data, expects_object=read is not None)
+    return deserialize(response_data, response_types_map, exclude_none)
+
+
+def _check_answer(answer: RESTResponse, *, expects_object: bool) -> None:
+    body = answer.data or b""
+    if not body.strip():
+        if expects_object:
+            raise NotKlaviyosAnswer(answer.status, "with an empty body")
+        return
+    content_type = answer.getheader("Content-Type") or ""
+    if "json" not in content_type.lower():
+        raise NotKlaviyosAnswer(answer.status, content_type or "without a content type")
+    match = _CHARSET.search(content_type)
+    try:
+        document = json.loads(body.decode(match.group(1) if match else "utf-8"))
+    except (ValueError, LookupError):  # UnicodeDecodeError is a ValueError
+        raise NotKlaviyosAnswer(answer.status, f"{content_type} that is not JSON") from None
+    if not isinstance(document, dict):
+        raise NotKlaviyosAnswer(answer.status, f"JSON {type(document).__name__}")
 
 
 class KlaviyoClient:
@@ -161,6 +193,9 @@ class KlaviyoClient:
         # also no Retry-After handling of its own that could swallow a 429).
         self._sdk.configuration.retries = Retry(total=0, respect_retry_after_header=False)
         self._sdk.api_client.rest_client = _RESTClient(self._sdk.configuration)
+        api_client = self._sdk.api_client  # the one every API object below calls
+        api_client.response_deserialize = partial(
+            _klaviyos, api_client.response_deserialize)
         # Each SDK property access builds a new API object; build them once.
         self._events = self._sdk.Events
         self._profiles = self._sdk.Profiles
@@ -243,11 +278,7 @@ class KlaviyoClient:
             scrubbed = replace(failure, summary=failure.summary.replace(self._api_key, "***"))
             # `from None`: the SDK exception (headers and all) must not ride along in tracebacks.
             raise KlaviyoCallError(scrubbed) from None
-        data = result.data or {}
-        if not isinstance(data, dict):  # JSON, but not the object every endpoint answers with
-            raise KlaviyoCallError(classify(NotKlaviyosAnswer(
-                result.status_code, f"JSON {type(data).__name__}"))) from None
-        return Response(result.status_code, data)
+        return Response(result.status_code, result.data or {})  # a dict: _klaviyos
 
 
 def next_page_cursor(page: Response) -> str | None:
