@@ -11,6 +11,9 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
   only retry layer and every attempt is counted.
 - Response models that fail validation after a successful write: responses come back as plain
   dicts (`USE_DICTIONARY_FOR_RESPONSE_DATA`).
+- Response handling that takes any 2xx for the API's answer (a proxy's page taken for an
+  accepted bulk request) or crashes on it (AttributeError): `_klaviyos` checks each 2xx before
+  the SDK reads it, and one that is not Klaviyo's is a transient `unexpected_response`.
 - Exceptions whose text includes response headers, and an SDK object whose repr prints the API
   key: every failure is re-raised as a classified `KlaviyoCallError` with the key scrubbed, and
   this class's repr shows only the host.
