@@ -8,6 +8,7 @@ object). The key is in none of the failures."""
 from __future__ import annotations
 
 import gzip
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -198,3 +199,30 @@ def test_a_page_on_the_key_check_is_one_warning_line_without_the_key(
         assert warning is not None
         assert warning.startswith("could not check the Klaviyo API key (HTTP 200 ")
         assert "\n" not in warning and API_KEY not in warning
+
+
+@pytest.mark.parametrize("status", [200, 400, 503])
+@pytest.mark.parametrize("offset", [0, 470, 480, 490])
+def test_an_answer_that_echoes_the_key_leaves_none_of_it_in_the_failure(
+        server: tuple[str, Answers], status: int, offset: int) -> None:
+    """A proxy that echoes the request's Authorization header (in its error, in a header of its
+    page): the key is in no part of the failure, not even cut where the summary is clipped at
+    500 characters."""
+    url, answers = server
+    echo = "x" * offset + f"Authorization: Klaviyo-API-Key {API_KEY}"
+    error = {"errors": [{"id": "1", "status": status, "code": "invalid", "title": echo,
+                         "detail": echo, "source": {"pointer": f"/data/{echo}"},
+                         "meta": {"echo": echo}}]}
+    body, content_type = ((b"<html>proxy</html>", f"text/html; {echo}") if status == 200
+                          else (json.dumps(error).encode(), JSON_API))
+    answers.next["/api/profile-import"] = (status, [("Content-Type", content_type)], body)
+    client = KlaviyoClient(API_KEY, test_host=url)
+
+    with pytest.raises(KlaviyoCallError) as raised:
+        client.create_or_update_profile(UPSERT)
+
+    failure = raised.value.failure
+    text = repr(failure) + str(raised.value)
+    assert API_KEY[:4] not in text, text  # not even its first secret character
+    if offset == 0:  # not clipped away: shown as ***
+        assert "Klaviyo-API-Key ***" in failure.summary

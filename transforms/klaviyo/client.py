@@ -59,6 +59,7 @@ from urllib3.util import Retry
 from transforms.collector import cyclic_gc_paused
 from transforms.klaviyo.errors import (
     CALL_EXCEPTIONS,
+    CallFailure,
     KlaviyoCallError,
     NotKlaviyosAnswer,
     classify,
@@ -278,10 +279,44 @@ class KlaviyoClient:
             result = request()
         except CALL_EXCEPTIONS as exc:
             failure = classify(exc)
-            scrubbed = replace(failure, summary=failure.summary.replace(self._api_key, "***"))
             # `from None`: the SDK exception (headers and all) must not ride along in tracebacks.
-            raise KlaviyoCallError(scrubbed) from None
+            raise KlaviyoCallError(without_key(failure, self._api_key)) from None
         return Response(result.status_code, result.data or {})  # a dict: _klaviyos
+
+
+_SHOWN_PREFIX = 3  # "pk_": what every private key starts with; one more character is secret
+
+
+def without_key(failure: CallFailure, key: str) -> CallFailure:
+    """`failure` with `key` as *** wherever an answer could have echoed it (a proxy that
+    repeats the request's Authorization header): the summary, which is also cleared of a start
+    of the key left where it was clipped, and every part of its JSON:API errors, which become
+    dead-letter reasons."""
+    summary = failure.summary.replace(key, "***")
+    if summary.endswith("…"):
+        clipped = summary[:-1]
+        for length in range(min(len(key), len(clipped)), _SHOWN_PREFIX, -1):
+            if clipped.endswith(key[:length]):
+                summary = f"{clipped[:-length]}***…"
+                break
+    errors = tuple(replace(error, code=error.code.replace(key, "***"),
+                           title=error.title.replace(key, "***"),
+                           detail=error.detail.replace(key, "***"),
+                           pointer=error.pointer.replace(key, "***"),
+                           meta=_value_without_key(error.meta, key))
+                   for error in failure.errors)
+    return replace(failure, summary=summary, errors=errors)
+
+
+def _value_without_key(value: Any, key: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(key, "***")
+    if isinstance(value, dict):
+        return {_value_without_key(name, key): _value_without_key(item, key)
+                for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_value_without_key(item, key) for item in value]
+    return value
 
 
 def next_page_cursor(page: Response) -> str | None:
