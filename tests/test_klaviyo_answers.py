@@ -23,7 +23,8 @@ from transforms.klaviyo.errors import ErrorKind, KlaviyoCallError
 API_KEY = "pk_answers_0123456789abcdef"
 JSON_API = "application/vnd.api+json; charset=utf-8"
 PROFILE = b'{"data": {"type": "profile", "id": "01P", "attributes": {"email": "a@b.co"}}}'
-JOB = b'{"data": {"type": "profile-bulk-import-job", "id": "job-1", "attributes": {}}}'
+JOB = (b'{"data": {"type": "profile-bulk-import-job", "id": "job-1", "attributes": '
+       b'{"status": "processing"}}}')
 PAGE = b'{"data": [], "links": {}}'
 
 
@@ -32,6 +33,7 @@ class Answers:
 
     def __init__(self) -> None:
         self.next: dict[str, tuple[int, list[tuple[str, str]], bytes]] = {}
+        self.asked: list[str] = []
 
 
 def _handler(answers: Answers) -> type[BaseHTTPRequestHandler]:
@@ -46,6 +48,7 @@ def _handler(answers: Answers) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
             path = self.path.split("?")[0].rstrip("/")
+            answers.asked.append(path)
             status, headers, body = answers.next.pop(path, None) or _KLAVIYOS[path]
             self.send_response(status)
             for name, value in headers:
@@ -226,3 +229,45 @@ def test_an_answer_that_echoes_the_key_leaves_none_of_it_in_the_failure(
     assert API_KEY[:4] not in text, text  # not even its first secret character
     if offset == 0:  # not clipped away: shown as ***
         assert "Klaviyo-API-Key ***" in failure.summary
+
+
+def sender_to(url: str) -> Any:
+    from transforms.klaviyo.rate_limit import RateLimiter
+    from transforms.klaviyo.retry import Retrier, RetryPolicy
+    from transforms.klaviyo.sender import KlaviyoSender
+
+    return KlaviyoSender(KlaviyoClient(API_KEY, test_host=url), RateLimiter(None),
+                         Retrier(RetryPolicy(first_backoff_seconds=0.01,
+                                             max_backoff_seconds=0.02)), None)
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"data": {}}', b'{"data": {"id": null}}',
+                                  b'{"data": []}', b'{"status": "ok"}'])
+def test_a_json_object_without_what_klaviyo_answers_is_an_unexpected_response(
+        server: tuple[str, Answers], body: bytes) -> None:
+    """A JSON object that is not the endpoint's answer (a proxy's `{"status": "ok"}`): a bulk
+    import without the job's id, a job without its status, a profile import without the
+    profile crashed the flush (KeyError, TypeError) or was taken as stored. Each is retried
+    like a 5xx; the real answer that follows is taken."""
+    import time
+
+    from transforms.klaviyo.sender import Delivered, ImportJob
+
+    url, answers = server
+    sender = sender_to(url)
+    deadline = time.monotonic() + 30
+    upsert = ("create_or_update_profile", UPSERT)
+
+    answers.next["/api/profile-import"] = (200, [("Content-Type", JSON_API)], body)
+    assert sender.send_profile(upsert, deadline=deadline) == Delivered()
+    answers.next["/api/profile-bulk-import-jobs"] = (202, [("Content-Type", JSON_API)], body)
+    jobs, outcomes = sender.start_profile_import([upsert], deadline=deadline)
+    assert (jobs, outcomes) == ([(ImportJob("job-1", 1), [0])], {})
+    answers.next["/api/profile-bulk-import-jobs/job-1"] = (200, [("Content-Type", JSON_API)],
+                                                           body)
+    polled = sender.poll_profile_import(ImportJob("job-1", 1), [upsert], deadline=deadline)
+    assert polled is not None and polled[0].__class__.__name__ == "Pending"
+    assert polled[0].failure.label == "unexpected_response"
+    assert not answers.next  # each fault was answered, then Klaviyo's answer
+    assert answers.asked == ["/api/profile-import"] * 2 + ["/api/profile-bulk-import-jobs"] * 2 \
+        + ["/api/profile-bulk-import-jobs/job-1"]

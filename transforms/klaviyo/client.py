@@ -13,7 +13,8 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
   dicts (`USE_DICTIONARY_FOR_RESPONSE_DATA`).
 - Response handling that takes any 2xx for the API's answer (a proxy's page taken for an
   accepted bulk request) or crashes on it (AttributeError): `_klaviyos` checks each 2xx before
-  the SDK reads it, and one that is not Klaviyo's is a transient `unexpected_response`.
+  the SDK reads it, `_answering` that it holds what the sender reads (a job's id and status),
+  and one that is not Klaviyo's is a transient `unexpected_response`.
 - Exceptions whose text includes response headers, and an SDK object whose repr prints the API
   key: every failure is re-raised as a classified `KlaviyoCallError` with the key scrubbed, and
   this class's repr shows only the host.
@@ -220,7 +221,8 @@ class KlaviyoClient:
 
     def create_or_update_profile(self, body: Mapping[str, Any]) -> Response:
         """POST /api/profile-import: 201 created or 200 updated, with the profile."""
-        return self._call(self._profiles.create_or_update_profile_with_http_info, body)
+        return _answering(self._call(self._profiles.create_or_update_profile_with_http_info,
+                                     body), "the profile's data.id", _has_id)
 
     @staticmethod
     def encode_bulk_import(body: Mapping[str, Any]) -> Encoded:
@@ -231,27 +233,31 @@ class KlaviyoClient:
         """POST /api/profile-bulk-import-jobs: 202 with the queued job (`data.id`)."""
         serialize = partial(self._profiles._bulk_import_profiles_serialize, None, None,
                             **_DEFAULTS)  # no body, no sparse fieldset
-        return self._send(serialize, body, _DICT_BODY)
+        return _answering(self._send(serialize, body, _DICT_BODY), "the job's data.id", _has_id)
 
     def get_bulk_import_job(self, job_id: str) -> Response:
         """GET /api/profile-bulk-import-jobs/{id}: the job and its `status`."""
-        return self._call(self._profiles.get_bulk_import_profiles_job_with_http_info, job_id)
+        return _answering(
+            self._call(self._profiles.get_bulk_import_profiles_job_with_http_info, job_id),
+            "the job's data.attributes.status",
+            lambda data: isinstance(_member(data, "data", "attributes", "status"), str))
 
     def check_key(self) -> Response:
         """GET /api/profiles with one profile: the cheapest authenticated read (a key check)."""
-        return self._call(self._profiles.get_profiles_with_http_info, page_size=1)
+        return _answering(self._call(self._profiles.get_profiles_with_http_info, page_size=1),
+                          "a data list", _has_list)
 
     def get_import_errors(self, job_id: str, page_cursor: str | None = None) -> Response:
         """One page of GET /api/profile-bulk-import-jobs/{id}/import-errors.
 
         `next_page_cursor(response)` gives the cursor of the next page.
         """
-        return self._call(
+        return _answering(self._call(
             self._profiles.get_errors_for_bulk_import_profiles_job_with_http_info,
             job_id,
             page_cursor=page_cursor,
             page_size=IMPORT_ERRORS_PAGE_SIZE,
-        )
+        ), "a data list", _has_list)
 
     def _send(self, serialize: Callable[[], Any], body: Encoded,
               response_types: Mapping[str, str | None]) -> Response:
@@ -282,6 +288,32 @@ class KlaviyoClient:
             # `from None`: the SDK exception (headers and all) must not ride along in tracebacks.
             raise KlaviyoCallError(without_key(failure, self._api_key)) from None
         return Response(result.status_code, result.data or {})  # a dict: _klaviyos
+
+
+def _answering(response: Response, what: str, valid: Callable[[dict[str, Any]], bool]
+               ) -> Response:
+    """`response` if it holds what the endpoint answers and the sender reads; else it is a
+    JSON object of someone else's (a proxy's `{"status": "ok"}`), a transient
+    `unexpected_response` like a page (`_klaviyos`): taken, it crashed the flush (KeyError) or
+    passed for a stored profile or an import without errors."""
+    if not valid(response.data):
+        raise KlaviyoCallError(classify(NotKlaviyosAnswer(response.status, f"without {what}")))
+    return response
+
+
+def _member(data: Any, *path: str) -> Any:
+    for name in path:
+        data = data.get(name) if isinstance(data, dict) else None
+    return data
+
+
+def _has_id(data: dict[str, Any]) -> bool:
+    found = _member(data, "data", "id")
+    return isinstance(found, str) and bool(found)
+
+
+def _has_list(data: dict[str, Any]) -> bool:
+    return isinstance(data.get("data"), list)
 
 
 _SHOWN_PREFIX = 3  # "pk_": what every private key starts with; one more character is secret
