@@ -271,3 +271,19 @@ def test_a_json_object_without_what_klaviyo_answers_is_an_unexpected_response(
     assert not answers.next  # each fault was answered, then Klaviyo's answer
     assert answers.asked == ["/api/profile-import"] * 2 + ["/api/profile-bulk-import-jobs"] * 2 \
         + ["/api/profile-bulk-import-jobs/job-1"]
+
+
+@pytest.mark.parametrize("path", ["/api/profile-bulk-import-jobs/job-1/import-errors",
+                                  "/api/profiles"])
+def test_a_page_without_its_data_list_is_an_unexpected_response(
+        server: tuple[str, Answers], path: str) -> None:
+    """`{}` for a page of import errors read as "no errors" (every profile of the job taken
+    for imported), for the key check as a good key."""
+    url, answers = server
+    answers.next[path] = (200, [("Content-Type", JSON_API)], b'{"links": {}}')
+    client = KlaviyoClient(API_KEY, test_host=url)
+
+    with pytest.raises(KlaviyoCallError) as raised:
+        calls(client)[path]()
+
+    assert raised.value.failure.label == "unexpected_response"
