@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import sys
 import uuid
@@ -71,14 +72,27 @@ def replay_of(record: dict[str, Any], *, id_attribute: str | None = None,
     `id_attribute`: the job's `--input_id_attribute`. Dataflow drops a message whose value of
     it was seen lately (Beam's `id_label`: publisher retries), so a replay soon after the first
     delivery would be dropped unseen. The replay's value is the original one with `~replay-`
-    and the replay `run`'s token after it; the event keeps its id in the payload, so what
-    Klaviyo deduplicates by does not change."""
+    and the replay `run`'s token after it (`fresh_id`); the event keeps its id in the payload,
+    so what Klaviyo deduplicates by does not change."""
     original = decode_payload(record)
     attributes = dict(record.get("attributes") or {})
     if id_attribute and id_attribute in attributes:
-        attributes[id_attribute] = f"{attributes[id_attribute]}~replay-{run}"
+        attributes[id_attribute] = fresh_id(attributes[id_attribute], run)
     ordering_key = record.get("ordering_key") or None
     return Replay(_with_planned_id_and_time(original, record), attributes, ordering_key)
+
+
+ATTRIBUTE_VALUE_LIMIT = 1024  # bytes: Pub/Sub refuses a longer attribute value
+
+
+def fresh_id(value: str, run: str) -> str:
+    """`value~replay-run`; when that would pass Pub/Sub's limit (a value near it, or one grown
+    by replays of replays), the SHA-256 of `value` stands in for it: still one value per
+    original and run."""
+    fresh = f"{value}~replay-{run}"
+    if len(fresh.encode("utf-8")) <= ATTRIBUTE_VALUE_LIMIT:
+        return fresh
+    return f"{hashlib.sha256(value.encode('utf-8')).hexdigest()}~replay-{run}"
 
 
 def _with_planned_id_and_time(payload: bytes, record: dict[str, Any]) -> bytes:

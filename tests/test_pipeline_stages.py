@@ -192,3 +192,41 @@ def test_outgoing_events_are_never_flattened(dry_run: bool, tmp_path: Any) -> No
     types = _flattened_types(pipeline)
     assert types, "the graph has Flattens (dead letters, lines or keyed events)"
     assert OutgoingEvent not in types
+
+
+
+_DEAD: list[dict[str, Any]] = []
+
+
+def _keep_dead(record: DeadLetterRecord) -> None:
+    _DEAD.append(record.to_json())
+
+
+def test_silent_rules_whose_only_call_is_refused_by_preflight_are_dead_letters() -> None:
+    """What `nothing_to_send` must not swallow: a silent rule whose identify body Klaviyo
+    would refuse (`location: "Berlin"`) plans a call, so it is identify-only and becomes a
+    pre-flight dead letter; a silent rule whose identify resolves to no object plans none.
+    The outcomes add up to the events in."""
+    config = load_config({
+        "settings": {"identify": "data.profile"},
+        "mapping": {"user": {"login": {"silent": True}}},
+    }).config
+    _DEAD.clear()
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    calls, dead = pipeline | beam.Create([
+        _message({"name": "user login", "id": "e-1", "user": USER,
+                  "data": {"profile": {"location": "Berlin"}}}, "m-1"),
+        _message({"name": "user login", "id": "e-2", "user": USER2,
+                  "data": {"profile": "Berlin"}}, "m-2"),
+    ]) | PlanCalls(config, ttl_seconds=86_400, clock=lambda: NOW_S)
+    calls | "flatten" >> beam.Flatten() | "calls" >> beam.FlatMap(dry_run_records)
+    dead | "dead" >> beam.Map(_keep_dead)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    assert [(d["stage"], d["event_id"], d["call"]["method"]) for d in _DEAD] == [
+        ("preflight", "e-1", "create_or_update_profile")]
+    counters = counter_totals(result)
+    assert {name: counters.get(name) for name in (
+        "events_in", "identify_only", "nothing_to_send")} == {
+        "events_in": 2, "identify_only": 1, "nothing_to_send": 1}

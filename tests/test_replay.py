@@ -130,6 +130,19 @@ def _replay_ends(argv: list[str]) -> int | None:
     return codes[0] if codes else None
 
 
+def _topic(host: str, monkeypatch: pytest.MonkeyPatch, name: str) -> tuple[Any, str, str]:
+    """(a subscriber, a new topic on the emulator, its new subscription)."""
+    from google.cloud import pubsub_v1
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", host)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path("walkeros-replay", name)
+    subscription = subscriber.subscription_path("walkeros-replay", name)
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=subscription, topic=topic)
+    return subscriber, topic, subscription
+
+
 def _drain(subscriber: Any, subscription: str) -> list[Any]:
     """Every message on `subscription`, acknowledged."""
     messages: list[Any] = []
@@ -167,16 +180,9 @@ def test_a_replay_is_published_with_every_original_attribute(
         emulator: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     # Attribute names are the publisher's choice (settings.attributes of the walkerOS Pub/Sub
     # destination); some are also the names of the client's publish() parameters.
-    from google.cloud import pubsub_v1
-
     from pipeline.replay import Replay, Target
 
-    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator)
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    topic = publisher.topic_path("walkeros-replay", "attributes")
-    subscription = subscriber.subscription_path("walkeros-replay", "attributes")
-    publisher.create_topic(name=topic)
-    subscriber.create_subscription(name=subscription, topic=topic)
+    subscriber, topic, subscription = _topic(emulator, monkeypatch, "attributes")
     attributes = {"src": "web", "timeout": "30", "retry": "no", "data": "d", "topic": "t",
                   "ordering_key": "o"}
     problems = []
@@ -271,3 +277,53 @@ def test_the_id_attribute_is_refused_without_a_topic(
     assert code == 2
     assert "--input_id_attribute is for replays to a --topic" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_replays_id_value_stays_within_pub_subs_limit() -> None:
+    """Pub/Sub refuses an attribute value over 1024 bytes (InvalidArgument): an original value
+    near the limit, or one that grew over replays of replays, must still make a value that
+    publishes, fresh per run and distinct for distinct originals."""
+    long_values = ["x" * 1024, "é" * 512, "x" * 1010 + "a", "x" * 1010 + "b"]
+    dead = [record(b'{"name": "a b", "id": "e"}', attributes={"event_id": value})
+            for value in long_values]
+
+    runs = [[replay_of(letter, id_attribute="event_id", run=run).attributes["event_id"]
+             for letter in dead] for run in ("r1", "r2")]
+
+    for values in runs:
+        assert all(len(value.encode("utf-8")) <= 1024 for value in values), \
+            [len(value.encode("utf-8")) for value in values]
+        assert len(set(values)) == len(values)
+    assert not set(runs[0]) & set(runs[1])
+    again = record(b'{"name": "a b", "id": "e"}', attributes={"event_id": "e-1"})
+    for run in range(60):  # a message dead-lettered and replayed again and again
+        value = replay_of(again, id_attribute="event_id", run=f"{run:012x}").attributes[
+            "event_id"]
+        assert len(value.encode("utf-8")) <= 1024
+        again = dict(again, attributes={"event_id": value})
+
+
+def test_the_id_attribute_is_refreshed_on_the_topic_whatever_its_name(
+        emulator: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`replay --dead_letters … --topic … --input_id_attribute NAME` end to end: NAME may be a
+    publish() parameter's name (published by the API call), a message without it gets none."""
+    subscriber, topic, subscription = _topic(emulator, monkeypatch, "ids")
+    letters = [record(b'{"name": "a b", "id": "e-1"}', message_id="m1",
+                      attributes={"timeout": "e-1", "src": "web"}),
+               record(b'{"name": "a b", "id": "e-2"}', message_id="m2",
+                      attributes={"timeout": "t" * 1020}),
+               record(b'{"name": "a b", "id": "e-3"}', message_id="m3", attributes={})]
+    dead = tmp_path / "dead.jsonl"
+    dead.write_text("".join(json.dumps(letter) + "\n" for letter in letters))
+
+    assert main(["--dead_letters", str(dead), "--topic", topic,
+                 "--input_id_attribute", "timeout"]) == 0, capsys.readouterr().err
+
+    received = {json.loads(m.data)["id"]: dict(m.attributes)
+                for m in _drain(subscriber, subscription)}
+    assert set(received) == {"e-1", "e-2", "e-3"}
+    first = received["e-1"]
+    assert first["src"] == "web" and first["timeout"].startswith("e-1~replay-")
+    assert len(received["e-2"]["timeout"].encode()) <= 1024
+    assert received["e-3"] == {}

@@ -11,6 +11,10 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
   only retry layer and every attempt is counted.
 - Response models that fail validation after a successful write: responses come back as plain
   dicts (`USE_DICTIONARY_FOR_RESPONSE_DATA`).
+- Response handling that takes any 2xx for the API's answer (a proxy's page taken for an
+  accepted bulk request) or crashes on it (AttributeError): `_klaviyos` checks each 2xx before
+  the SDK reads it, `_answering` that it holds what the sender reads (a job's id and status),
+  and one that is not Klaviyo's is a transient `unexpected_response`.
 - Exceptions whose text includes response headers, and an SDK object whose repr prints the API
   key: every failure is re-raised as a classified `KlaviyoCallError` with the key scrubbed, and
   this class's repr shows only the host.
@@ -35,6 +39,8 @@ schema, and speaking the API revision it was generated for. Its weak spots are c
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -54,6 +60,7 @@ from urllib3.util import Retry
 from transforms.collector import cyclic_gc_paused
 from transforms.klaviyo.errors import (
     CALL_EXCEPTIONS,
+    CallFailure,
     KlaviyoCallError,
     NotKlaviyosAnswer,
     classify,
@@ -109,8 +116,7 @@ class _RESTClient(RESTClientObject):
     def request(self, method: str, url: str, headers: Any = None, body: Any = None,
                 post_params: Any = None, _request_timeout: Any = None) -> RESTResponse:
         if not isinstance(body, Encoded):
-            return _klaviyos(super().request(method, url, headers, body, post_params,
-                                             _request_timeout))
+            return super().request(method, url, headers, body, post_params, _request_timeout)
         connect, read = _request_timeout
         try:
             response = self.pool_manager.request(
@@ -118,19 +124,50 @@ class _RESTClient(RESTClientObject):
                 timeout=urllib3.Timeout(connect=connect, read=read))
         except urllib3.exceptions.SSLError as error:  # as the SDK reports it
             raise ApiException(status=0, reason=f"{type(error).__name__}\n{error}") from None
-        return _klaviyos(RESTResponse(response))
+        return RESTResponse(response)
 
 
-def _klaviyos(answer: RESTResponse) -> RESTResponse:
-    """`answer`, unless it is a 2xx with a body that is not JSON: a page of a proxy or captive
-    portal in front of the API, which the SDK would take for a success (an empty dict for a
-    bulk request: events lost) or fail on with an AttributeError. Error statuses are the SDK's
-    business (a Cloudflare challenge is an HTML 403: errors.py)."""
-    if 200 <= answer.status < 300:
-        content_type = answer.getheader("Content-Type") or ""
-        if answer.read() and "json" not in content_type.lower():
-            raise NotKlaviyosAnswer(answer.status, content_type or "without a content type")
-    return answer
+_CHARSET = re.compile(r"charset=([a-zA-Z\-\d]+)[\s;]?")  # the SDK's (response_deserialize)
+
+
+def _klaviyos(deserialize: Callable[..., Any], response_data: RESTResponse,
+              response_types_map: Mapping[str, str | None] | None = None,
+              exclude_none: bool = False) -> Any:
+    """The ApiClient's `response_deserialize`, for a 2xx only once it is the Klaviyo API's
+    answer: the SDK takes whatever it reads for a success (an empty dict where a bulk events
+    request expects no body: events lost) or fails on it with an AttributeError or a
+    UnicodeDecodeError (a body that is not a JSON object where the endpoint answers one).
+
+    A 2xx the SDK reads (its status has a response type: profile import 200/201, bulk import
+    202, the GETs' 200) must carry a JSON object; one it does not read (bulk events' 202, any
+    204) may be empty, and anything else in it must be a JSON object too. JSON is what a
+    Content-Type naming json says (`application/vnd.api+json; charset=utf-8`, any case), read
+    as the SDK reads it (its charset, `json.loads`). Error statuses are the SDK's business (a
+    Cloudflare challenge is an HTML 403: errors.py)."""
+    status = response_data.status
+    if 200 <= status <= 299:
+        types = response_types_map or {}
+        read = types.get(str(status)) or types.get(f"{str(status)[0]}XX")
+        _check_answer(response_data, expects_object=read is not None)
+    return deserialize(response_data, response_types_map, exclude_none)
+
+
+def _check_answer(answer: RESTResponse, *, expects_object: bool) -> None:
+    body = answer.data or b""
+    if not body.strip():
+        if expects_object:
+            raise NotKlaviyosAnswer(answer.status, "with an empty body")
+        return
+    content_type = answer.getheader("Content-Type") or ""
+    if "json" not in content_type.lower():
+        raise NotKlaviyosAnswer(answer.status, content_type or "without a content type")
+    match = _CHARSET.search(content_type)
+    try:
+        document = json.loads(body.decode(match.group(1) if match else "utf-8"))
+    except (ValueError, LookupError):  # UnicodeDecodeError is a ValueError
+        raise NotKlaviyosAnswer(answer.status, f"{content_type} that is not JSON") from None
+    if not isinstance(document, dict):
+        raise NotKlaviyosAnswer(answer.status, f"JSON {type(document).__name__}")
 
 
 class KlaviyoClient:
@@ -161,6 +198,9 @@ class KlaviyoClient:
         # also no Retry-After handling of its own that could swallow a 429).
         self._sdk.configuration.retries = Retry(total=0, respect_retry_after_header=False)
         self._sdk.api_client.rest_client = _RESTClient(self._sdk.configuration)
+        api_client = self._sdk.api_client  # the one every API object below calls
+        api_client.response_deserialize = partial(
+            _klaviyos, api_client.response_deserialize)
         # Each SDK property access builds a new API object; build them once.
         self._events = self._sdk.Events
         self._profiles = self._sdk.Profiles
@@ -181,7 +221,8 @@ class KlaviyoClient:
 
     def create_or_update_profile(self, body: Mapping[str, Any]) -> Response:
         """POST /api/profile-import: 201 created or 200 updated, with the profile."""
-        return self._call(self._profiles.create_or_update_profile_with_http_info, body)
+        return _answering(self._call(self._profiles.create_or_update_profile_with_http_info,
+                                     body), "the profile's data.id", _has_id)
 
     @staticmethod
     def encode_bulk_import(body: Mapping[str, Any]) -> Encoded:
@@ -192,27 +233,31 @@ class KlaviyoClient:
         """POST /api/profile-bulk-import-jobs: 202 with the queued job (`data.id`)."""
         serialize = partial(self._profiles._bulk_import_profiles_serialize, None, None,
                             **_DEFAULTS)  # no body, no sparse fieldset
-        return self._send(serialize, body, _DICT_BODY)
+        return _answering(self._send(serialize, body, _DICT_BODY), "the job's data.id", _has_id)
 
     def get_bulk_import_job(self, job_id: str) -> Response:
         """GET /api/profile-bulk-import-jobs/{id}: the job and its `status`."""
-        return self._call(self._profiles.get_bulk_import_profiles_job_with_http_info, job_id)
+        return _answering(
+            self._call(self._profiles.get_bulk_import_profiles_job_with_http_info, job_id),
+            "the job's data.attributes.status",
+            lambda data: isinstance(_member(data, "data", "attributes", "status"), str))
 
     def check_key(self) -> Response:
         """GET /api/profiles with one profile: the cheapest authenticated read (a key check)."""
-        return self._call(self._profiles.get_profiles_with_http_info, page_size=1)
+        return _answering(self._call(self._profiles.get_profiles_with_http_info, page_size=1),
+                          "a data list", _has_list)
 
     def get_import_errors(self, job_id: str, page_cursor: str | None = None) -> Response:
         """One page of GET /api/profile-bulk-import-jobs/{id}/import-errors.
 
         `next_page_cursor(response)` gives the cursor of the next page.
         """
-        return self._call(
+        return _answering(self._call(
             self._profiles.get_errors_for_bulk_import_profiles_job_with_http_info,
             job_id,
             page_cursor=page_cursor,
             page_size=IMPORT_ERRORS_PAGE_SIZE,
-        )
+        ), "a data list", _has_list)
 
     def _send(self, serialize: Callable[[], Any], body: Encoded,
               response_types: Mapping[str, str | None]) -> Response:
@@ -240,14 +285,70 @@ class KlaviyoClient:
             result = request()
         except CALL_EXCEPTIONS as exc:
             failure = classify(exc)
-            scrubbed = replace(failure, summary=failure.summary.replace(self._api_key, "***"))
             # `from None`: the SDK exception (headers and all) must not ride along in tracebacks.
-            raise KlaviyoCallError(scrubbed) from None
-        data = result.data or {}
-        if not isinstance(data, dict):  # JSON, but not the object every endpoint answers with
-            raise KlaviyoCallError(classify(NotKlaviyosAnswer(
-                result.status_code, f"JSON {type(data).__name__}"))) from None
-        return Response(result.status_code, data)
+            raise KlaviyoCallError(without_key(failure, self._api_key)) from None
+        return Response(result.status_code, result.data or {})  # a dict: _klaviyos
+
+
+def _answering(response: Response, what: str, valid: Callable[[dict[str, Any]], bool]
+               ) -> Response:
+    """`response` if it holds what the endpoint answers and the sender reads; else it is a
+    JSON object of someone else's (a proxy's `{"status": "ok"}`), a transient
+    `unexpected_response` like a page (`_klaviyos`): taken, it crashed the flush (KeyError) or
+    passed for a stored profile or an import without errors."""
+    if not valid(response.data):
+        raise KlaviyoCallError(classify(NotKlaviyosAnswer(response.status, f"without {what}")))
+    return response
+
+
+def _member(data: Any, *path: str) -> Any:
+    for name in path:
+        data = data.get(name) if isinstance(data, dict) else None
+    return data
+
+
+def _has_id(data: dict[str, Any]) -> bool:
+    found = _member(data, "data", "id")
+    return isinstance(found, str) and bool(found)
+
+
+def _has_list(data: dict[str, Any]) -> bool:
+    return isinstance(data.get("data"), list)
+
+
+_SHOWN_PREFIX = 3  # "pk_": what every private key starts with; one more character is secret
+
+
+def without_key(failure: CallFailure, key: str) -> CallFailure:
+    """`failure` with `key` as *** wherever an answer could have echoed it (a proxy that
+    repeats the request's Authorization header): the summary, which is also cleared of a start
+    of the key left where it was clipped, and every part of its JSON:API errors, which become
+    dead-letter reasons."""
+    summary = failure.summary.replace(key, "***")
+    if summary.endswith("…"):
+        clipped = summary[:-1]
+        for length in range(min(len(key), len(clipped)), _SHOWN_PREFIX, -1):
+            if clipped.endswith(key[:length]):
+                summary = f"{clipped[:-length]}***…"
+                break
+    errors = tuple(replace(error, code=error.code.replace(key, "***"),
+                           title=error.title.replace(key, "***"),
+                           detail=error.detail.replace(key, "***"),
+                           pointer=error.pointer.replace(key, "***"),
+                           meta=_value_without_key(error.meta, key))
+                   for error in failure.errors)
+    return replace(failure, summary=summary, errors=errors)
+
+
+def _value_without_key(value: Any, key: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(key, "***")
+    if isinstance(value, dict):
+        return {_value_without_key(name, key): _value_without_key(item, key)
+                for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_value_without_key(item, key) for item in value]
+    return value
 
 
 def next_page_cursor(page: Response) -> str | None:
