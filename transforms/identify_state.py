@@ -191,24 +191,18 @@ class _IdentifyStateFn(beam.DoFn):
         state.clear()
 
 
-def _key_or_pass(planned: PlannedEvent) -> Iterator[tuple[str, PlannedEvent] | TaggedOutput]:
-    """A plan with an identify body, keyed by its profile for the state; the others pass by:
-    there is nothing for the state to decide."""
+def _key_or_pass(planned: PlannedEvent,
+                 encode: Callable[[PlannedEvent], bytes] | None = None
+                 ) -> Iterator[tuple[str, PlannedEvent | bytes] | TaggedOutput]:
+    """A plan with an identify body, keyed by its profile for the state, as `encode` makes it
+    (the batch grouping carries bytes: module docstring); the others pass by: there is nothing
+    for the state to decide."""
     if planned.plan.profile is None:
         yield TaggedOutput(_EVENT_ONLY, planned)
     else:
         assert planned.plan.profile_key is not None  # a plan with a profile has a key
-        yield state_key(planned.plan.profile_key), planned
-
-
-def _key_or_pass_encoded(planned: PlannedEvent) -> Iterator[tuple[str, bytes] | TaggedOutput]:
-    """`_key_or_pass` for the batch grouping: the keyed value is the event's bytes (module
-    docstring)."""
-    if planned.plan.profile is None:
-        yield TaggedOutput(_EVENT_ONLY, planned)
-    else:
-        assert planned.plan.profile_key is not None  # a plan with a profile has a key
-        yield state_key(planned.plan.profile_key), encode_planned(planned)
+        yield state_key(planned.plan.profile_key), \
+            planned if encode is None else encode(planned)
 
 
 def state_key(profile_key: str) -> str:
@@ -239,15 +233,16 @@ class ApplyIdentifyState(beam.PTransform):
         self.clock = clock
 
     def expand(self, planned: beam.PCollection) -> tuple[Parts, beam.PCollection]:
-        if planned.pipeline.options.view_as(StandardOptions).streaming:
-            routed = planned | "route" >> beam.FlatMap(_key_or_pass).with_output_types(
-                tuple[str, PlannedEvent]).with_outputs(_EVENT_ONLY, main="keyed")
+        streaming = planned.pipeline.options.view_as(StandardOptions).streaming
+        routed = planned | "route" >> beam.FlatMap(
+            _key_or_pass, None if streaming else encode_planned).with_output_types(
+            tuple[str, PlannedEvent] if streaming else tuple[str, bytes]).with_outputs(
+            _EVENT_ONLY, main="keyed")
+        if streaming:
             decide: beam.PTransform = beam.ParDo(_IdentifyStateFn(
                 self.ttl_seconds, self.max_skew_seconds, self.clock))
             keyed = routed.keyed
         else:
-            routed = planned | "route" >> beam.FlatMap(_key_or_pass_encoded).with_output_types(
-                tuple[str, bytes]).with_outputs(_EVENT_ONLY, main="keyed")
             decide = beam.ParDo(_IdentifyInOrderFn(self.max_skew_seconds, self.clock))
             keyed = routed.keyed | "group" >> beam.GroupByKey()
         decided = keyed | "decide" >> decide.with_output_types(OutgoingEvent).with_outputs(
