@@ -123,16 +123,19 @@ class WriteJsonLines(beam.PTransform):
 
     def expand(self, values: beam.PCollection | Parts) -> beam.PCollection:
         parts = as_parts(values)
-        if self.destination != STDOUT and not self.streaming and all(
-                isinstance(part.windowing.windowfn, window.GlobalWindows) for part in parts):
-            chunks = flatten(tuple(part | label("to_json", index) >> beam.ParDo(
-                _JsonLineChunks(self.to_values)).with_output_types(str)
-                for index, part in enumerate(parts)), "lines")
-            return chunks | "write" >> beam.io.WriteToText(self.destination,
-                                                           file_name_suffix=SUFFIX)
-        lines = flatten(tuple(part | label("to_json", index) >> beam.FlatMap(
-            _JsonLines(self.to_values)).with_output_types(str)
-            for index, part in enumerate(parts)), "lines")
+        # A bounded file output in the global window takes its lines in chunks.
+        chunked = self.destination != STDOUT and not self.streaming and all(
+            isinstance(part.windowing.windowfn, window.GlobalWindows) for part in parts)
+
+        def to_json() -> beam.PTransform:
+            return (beam.ParDo(_JsonLineChunks(self.to_values)) if chunked
+                    else beam.FlatMap(_JsonLines(self.to_values))).with_output_types(str)
+
+        lines = flatten(tuple(part | label("to_json", index) >> to_json()
+                              for index, part in enumerate(parts)), "lines")
+        if chunked:
+            return lines | "write" >> beam.io.WriteToText(self.destination,
+                                                          file_name_suffix=SUFFIX)
         if self.destination == STDOUT:
             return lines | "print" >> beam.Map(_print_line)
         directory, prefix = FileSystems.split(self.destination)
